@@ -1,0 +1,205 @@
+"""Averaging strategies: each turns a stream of weight snapshots into an average.
+
+A strategy sees only positional lists of tensors (no names, no model, no transformers);
+:class:`hf_wavg.averager.WeightAverager` decides which tensors and when. The average is
+float32 whatever the snapshot dtype: a bf16 EMA with decay 0.999 rounds most updates
+away, since ``0.001 * (w - avg)`` falls below bf16's resolution.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hf_wavg.averaging import kernels
+from hf_wavg.averaging.schedules import DecaySchedule
+
+StrategyState = tuple[dict[str, list[Tensor]], dict[str, Any]]
+
+
+class AveragingStrategy(ABC):
+    """A running average over snapshots of a fixed list of tensors.
+
+    Args:
+        storage_device: where the average lives; ``None`` keeps each tensor's own device.
+            ``torch.device("cpu")`` offloads it (pinned when CUDA is available).
+    """
+
+    name: str = "base"
+
+    def __init__(self, storage_device: torch.device | None = None) -> None:
+        self.storage_device = storage_device
+        self.num_updates = 0
+
+    def _pin(self) -> bool:
+        return (
+            self.storage_device is not None
+            and self.storage_device.type == "cpu"
+            and torch.cuda.is_available()
+        )
+
+    @abstractmethod
+    def initialize(self, like: Sequence[Tensor]) -> None:
+        """Allocate the average's buffers, shaped like ``like``."""
+
+    @abstractmethod
+    def update(self, snapshot: Sequence[Tensor]) -> None:
+        """Fold one snapshot in. The caller has checked it is finite."""
+
+    @abstractmethod
+    def average(self) -> list[Tensor]:
+        """The current average, float32, one tensor per input tensor.
+
+        May be the strategy's own buffers: callers must not modify them."""
+
+    @abstractmethod
+    def state(self) -> StrategyState:
+        """``(buffer groups, metadata)``: tensor lists by group name, JSON-able metadata."""
+
+    @abstractmethod
+    def load_state(self, buffers: dict[str, list[Tensor]], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned (buffers already shaped and on any device)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Settings for logs and model cards."""
+        return {"method": self.name}
+
+
+class RunningAverage(AveragingStrategy):
+    """``avg <- avg + weight_n * (w - avg)`` where ``n`` snapshots are already folded in.
+
+    The first snapshot is copied. Subclasses only choose ``weight_n``."""
+
+    def __init__(self, storage_device: torch.device | None = None) -> None:
+        super().__init__(storage_device)
+        self._average: list[Tensor] = []
+
+    @abstractmethod
+    def weight(self, n: int) -> float:
+        """Interpolation weight of snapshot number ``n + 1`` (``n >= 1``)."""
+
+    def initialize(self, like: Sequence[Tensor]) -> None:
+        self._average = kernels.float32_like(like, self.storage_device, pin_memory=self._pin())
+        self.num_updates = 0
+
+    def update(self, snapshot: Sequence[Tensor]) -> None:
+        if self.num_updates == 0:
+            kernels.copy_(self._average, snapshot)
+        else:
+            kernels.lerp_(self._average, snapshot, self.weight(self.num_updates))
+        self.num_updates += 1
+
+    def average(self) -> list[Tensor]:
+        return self._average
+
+    def state(self) -> StrategyState:
+        return {"average": self._average}, {"num_updates": self.num_updates}
+
+    def load_state(self, buffers: dict[str, list[Tensor]], meta: dict[str, Any]) -> None:
+        torch._foreach_copy_(self._average, buffers["average"])
+        self.num_updates = int(meta["num_updates"])
+
+
+class EMA(RunningAverage):
+    """Exponential moving average with a warm-up decay schedule:
+    ``avg <- beta_n * avg + (1 - beta_n) * w``, ``beta_n = schedule(n)``."""
+
+    name = "ema"
+
+    def __init__(self, schedule: DecaySchedule | None = None, storage_device: torch.device | None = None) -> None:
+        super().__init__(storage_device)
+        self.schedule = schedule or DecaySchedule()
+
+    def weight(self, n: int) -> float:
+        return 1.0 - self.schedule(n)
+
+    def describe(self) -> dict[str, Any]:
+        s = self.schedule
+        return {"method": self.name, "decay": s.decay, "schedule": s.schedule, "power": s.power, "gamma": s.gamma}
+
+
+class SWA(RunningAverage):
+    """Uniform mean of every snapshot: ``avg <- avg + (w - avg) / (n + 1)``."""
+
+    name = "swa"
+
+    def weight(self, n: int) -> float:
+        return 1.0 / (n + 1)
+
+
+class LAWA(AveragingStrategy):
+    """Mean of the latest ``k`` snapshots (Kaddour 2022, "Stop Wasting My Time!").
+
+    Snapshots are kept verbatim in their own dtype in a ring buffer (lossless, and half
+    the memory of float32 for bf16 models); the mean is summed in float32 when read.
+    """
+
+    name = "lawa"
+
+    def __init__(self, k: int = 5, storage_device: torch.device | None = None) -> None:
+        super().__init__(storage_device)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+        self._ring: list[list[Tensor]] = []
+        self._like: list[Tensor] = []
+        self._next_slot = 0
+
+    @property
+    def filled(self) -> int:
+        return min(self.num_updates, self.k)
+
+    def initialize(self, like: Sequence[Tensor]) -> None:
+        self._like = list(like)
+        self._ring = []
+        self._next_slot = 0
+        self.num_updates = 0
+
+    def _new_slot(self) -> list[Tensor]:
+        pin = self._pin()
+        return [
+            torch.empty(t.shape, dtype=t.dtype, device=self.storage_device or t.device, pin_memory=pin)
+            for t in self._like
+        ]
+
+    def update(self, snapshot: Sequence[Tensor]) -> None:
+        if len(self._ring) < self.k:
+            self._ring.append(self._new_slot())
+        slot = self._ring[self._next_slot]
+        for target, source in zip(slot, snapshot):
+            target.copy_(source)
+        self._next_slot = (self._next_slot + 1) % self.k
+        self.num_updates += 1
+
+    def average(self) -> list[Tensor]:
+        if self.filled == 0:
+            raise RuntimeError("LAWA holds no snapshot yet")
+        total = kernels.float32_like(self._like, self.storage_device)
+        for slot in self._ring[: self.filled]:
+            kernels.add_(total, slot)
+        torch._foreach_div_(total, float(self.filled))
+        return total
+
+    def state(self) -> StrategyState:
+        # Oldest first, so a resumed run can rebuild the ring in any order it likes.
+        order = [(self._next_slot + i) % len(self._ring) for i in range(len(self._ring))] if self._ring else []
+        buffers = {f"snapshot{rank}": self._ring[slot] for rank, slot in enumerate(order)}
+        return buffers, {"num_updates": self.num_updates, "k": self.k}
+
+    def load_state(self, buffers: dict[str, list[Tensor]], meta: dict[str, Any]) -> None:
+        if int(meta["k"]) != self.k:
+            raise ValueError(f"saved LAWA state has k={meta['k']} but this run uses k={self.k}")
+        self._ring = []
+        for rank in range(len(buffers)):
+            slot = self._new_slot()
+            torch._foreach_copy_(slot, buffers[f"snapshot{rank}"])
+            self._ring.append(slot)
+        self.num_updates = int(meta["num_updates"])
+        self._next_slot = len(self._ring) % self.k
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "k": self.k}

@@ -1,0 +1,128 @@
+"""``WAvgCallback``: weight averaging for any ``transformers.Trainer`` (TRL's included).
+
+The callback builds its averager when training begins (after Accelerate has prepared
+the model), folds the weights in after optimizer steps, writes its state into every
+checkpoint folder and reads it back on resume. Evaluating or saving the average is
+the job of :class:`hf_wavg.WAvgTrainer`, or of :meth:`WAvgCallback.averaged_weights`
+for other trainers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from hf_wavg.averager import WeightAverager
+from hf_wavg.config import WAvgConfig
+from hf_wavg.state_io import AveragerStateError, has_state
+
+logger = logging.getLogger(__name__)
+
+
+class WAvgCallback(TrainerCallback):
+    """Keep a running average of the model's weights while a Trainer trains.
+
+    Args:
+        config: averaging settings; defaults to ``WAvgConfig()`` (EMA, decay 0.999).
+        resume_from_checkpoint: checkpoint folder that training resumes from. When ``None``
+            and the Trainer resumes, the callback reads ``<output_dir>/checkpoint-<step>``,
+            where the Trainer writes its checkpoints.
+    """
+
+    def __init__(self, config: WAvgConfig | None = None, resume_from_checkpoint: str | None = None) -> None:
+        self.config = config or WAvgConfig()
+        self.resume_from_checkpoint = resume_from_checkpoint
+        self.averager: WeightAverager | None = None
+        self.first_step = 0
+
+    def should_update(self, step: int) -> bool:
+        return step >= self.first_step and (step - self.first_step) % self.config.update_every == 0
+
+    @contextmanager
+    def averaged_weights(self) -> Iterator[nn.Module]:
+        """The model with the average swapped in, for evaluating or saving it by hand."""
+        if self.averager is None:
+            raise RuntimeError("WAvgCallback has no averager yet: training has not begun")
+        with self.averager.swapped_in() as model:
+            yield model
+
+    # -- Trainer events ----------------------------------------------------------------------
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is None:
+            raise ValueError("WAvgCallback needs the Trainer's model; it received none")
+        self.averager = self.config.build_averager(model)
+        self.first_step = self.config.start_at(state.max_steps)
+        if state.global_step > 0:
+            self._restore(args, state)
+
+    def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
+        assert self.averager is not None
+        checkpoint = self.resume_from_checkpoint or os.path.join(
+            args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        )
+        if self.config.restart_average_on_resume:
+            logger.info("hf_wavg: resuming at step %d with a new average (restart_average_on_resume)", state.global_step)
+            return
+        if not has_state(checkpoint):
+            raise AveragerStateError(
+                f"training resumes at step {state.global_step}, but {checkpoint} holds no averager state "
+                "(wavg_state.json); pass WAvgConfig(restart_average_on_resume=True) to start a new average"
+            )
+        self.averager.load(checkpoint)
+        logger.info("hf_wavg: restored the average of %d snapshots from %s", self.averager.num_updates, checkpoint)
+
+    def on_step_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        # A step skipped by the fp16 loss scaler left the weights unchanged: folding them
+        # in again would count one snapshot twice.
+        if self.averager is None or getattr(optimizer, "step_was_skipped", False):
+            return
+        if self.should_update(state.global_step):
+            self.averager.update(step=state.global_step)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        every = self.config.refine_every_epochs
+        if every and self.averager is not None and self.averager.has_average:
+            epoch = round(state.epoch or 0)
+            if epoch > 0 and epoch % every == 0:
+                self.averager.copy_to_model()
+                logger.info("hf_wavg: epoch %d, training continues from the average", epoch)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.averager is not None and args.should_save:
+            self.averager.save(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.averager is None:
+            return
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best is not None:
+            # The Trainer has just loaded the best checkpoint's raw weights; the average
+            # that was evaluated there comes with them.
+            if has_state(best):
+                self.averager.load(best)
+            else:
+                logger.warning("hf_wavg: best checkpoint %s holds no averager state; keeping the last average", best)
+        if self.config.load_average_at_end and self.averager.has_average:
+            self.averager.copy_to_model()

@@ -1,0 +1,141 @@
+"""``WAvgConfig``: every averaging setting, validated at construction.
+
+A plain dataclass, so ``HfArgumentParser((TrainingArguments, WAvgConfig))`` parses it from
+the command line, a JSON file or a YAML file. Field names do not clash with
+``TrainingArguments``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from hf_wavg.averager import WeightAverager
+from hf_wavg.averaging import EMA, LAWA, SCHEDULES, SWA, AveragingStrategy, DecaySchedule
+
+METHODS = ("ema", "swa", "lawa")
+
+
+def _help(text: str) -> Any:
+    return {"help": text}
+
+
+@dataclass
+class WAvgConfig:
+    """How weights are averaged during training, evaluated, saved and resumed."""
+
+    method: Literal["ema", "swa", "lawa"] = field(default="ema", metadata=_help("Averaging strategy."))
+    ema_decay: float = field(default=0.999, metadata=_help("EMA decay cap beta, in (0, 1)."))
+    ema_schedule: Literal["constant", "rational", "power"] = field(
+        default="rational",
+        metadata=_help("EMA warm-up: constant, rational min(d,(1+t)/(10+t)) or power min(d,1-(1+t/gamma)^-p)."),
+    )
+    ema_power: float = field(default=2.0 / 3.0, metadata=_help("Exponent p of the power schedule (> 0)."))
+    ema_gamma: float = field(default=1.0, metadata=_help("Scale gamma of the power schedule (> 0)."))
+    lawa_k: int = field(default=5, metadata=_help("LAWA: number of latest snapshots averaged (>= 1)."))
+    update_every: int = field(default=1, metadata=_help("Fold the weights in every N optimizer steps (>= 1)."))
+    start_step: int = field(default=0, metadata=_help("First optimizer step that may be folded in (>= 0)."))
+    start_fraction: float | None = field(
+        default=None, metadata=_help("Start at this fraction of training, in [0, 1); overrides start_step.")
+    )
+    average_parameters: Literal["trainable", "all"] = field(
+        default="trainable", metadata=_help("Average trainable parameters only (LoRA adapters for PEFT) or all.")
+    )
+    average_name_regex: str | None = field(
+        default=None, metadata=_help("Only average tensors whose name matches this regular expression.")
+    )
+    average_buffers: Literal["copy", "average"] = field(
+        default="copy", metadata=_help("Float buffers: keep the live model's (copy) or average them.")
+    )
+    offload_to_cpu: bool = field(default=False, metadata=_help("Keep the average in CPU memory."))
+    skip_non_finite: bool = field(default=True, metadata=_help("Skip snapshots holding NaN or inf."))
+    evaluate_average: bool = field(default=True, metadata=_help("evaluate() reports the average's metrics."))
+    evaluate_raw: bool = field(
+        default=False, metadata=_help("Also evaluate the raw weights, under the prefix '<prefix>_raw'.")
+    )
+    save_average: bool = field(default=True, metadata=_help("save_model() and push_to_hub() write the average."))
+    load_average_at_end: bool = field(
+        default=False, metadata=_help("Replace the model's weights by the average when training ends.")
+    )
+    refine_every_epochs: int = field(
+        default=0, metadata=_help("Every k epochs load the average into the model and train on from it (0: never).")
+    )
+    restart_average_on_resume: bool = field(
+        default=False, metadata=_help("On resume, start a new average instead of loading the checkpoint's.")
+    )
+    recompute_batchnorm: bool = field(
+        default=False, metadata=_help("Recompute BatchNorm statistics of the average before evaluating it.")
+    )
+    batchnorm_batches: int | None = field(
+        default=None, metadata=_help("Batches used to recompute BatchNorm statistics (None: one epoch).")
+    )
+
+    def __post_init__(self) -> None:
+        self._check_choice("method", METHODS)
+        self._check_choice("ema_schedule", SCHEDULES)
+        self._check_choice("average_parameters", ("trainable", "all"))
+        self._check_choice("average_buffers", ("copy", "average"))
+        self._check(0.0 < self.ema_decay < 1.0, "ema_decay", "in the open interval (0, 1)")
+        self._check(self.ema_power > 0.0, "ema_power", "> 0")
+        self._check(self.ema_gamma > 0.0, "ema_gamma", "> 0")
+        self._check_int("lawa_k", minimum=1)
+        self._check_int("update_every", minimum=1)
+        self._check_int("start_step", minimum=0)
+        self._check_int("refine_every_epochs", minimum=0)
+        if self.start_fraction is not None:
+            self._check(0.0 <= self.start_fraction < 1.0, "start_fraction", "in [0, 1) or None")
+        if self.batchnorm_batches is not None:
+            self._check_int("batchnorm_batches", minimum=1)
+        if self.average_name_regex is not None:
+            try:
+                re.compile(self.average_name_regex)
+            except re.error as error:
+                raise ValueError(f"WAvgConfig.average_name_regex is not a valid regular expression: {error}") from None
+
+    def _check(self, ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"WAvgConfig.{name} must be {allowed}; got {getattr(self, name)!r}")
+
+    def _check_int(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        self._check(ok, name, f"an integer >= {minimum}")
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        self._check(getattr(self, name) in choices, name, f"one of {', '.join(choices)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def start_at(self, max_steps: int) -> int:
+        """The first optimizer step to fold in, given the run's total steps."""
+        if self.start_fraction is not None:
+            return int(self.start_fraction * max_steps)
+        return self.start_step
+
+    def build_strategy(self) -> AveragingStrategy:
+        storage = torch.device("cpu") if self.offload_to_cpu else None
+        if self.method == "ema":
+            schedule = DecaySchedule(self.ema_decay, self.ema_schedule, self.ema_power, self.ema_gamma)
+            return EMA(schedule, storage_device=storage)
+        if self.method == "swa":
+            return SWA(storage_device=storage)
+        return LAWA(self.lawa_k, storage_device=storage)
+
+    def build_averager(self, model: nn.Module) -> WeightAverager:
+        return WeightAverager(
+            model,
+            self.build_strategy(),
+            parameters=self.average_parameters,
+            name_regex=self.average_name_regex,
+            buffers=self.average_buffers,
+            skip_non_finite=self.skip_non_finite,
+        )

@@ -1,0 +1,142 @@
+"""``WAvgTrainer``: a drop-in ``Trainer`` whose evaluations, saves and Hub pushes use the
+averaged weights, while training itself continues from the raw ones."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_wavg.averager import WeightAverager
+from hf_wavg.batchnorm import recomputed_batchnorm
+from hf_wavg.callback import WAvgCallback
+from hf_wavg.config import WAvgConfig
+from hf_wavg.model_card import averaging_card_section
+
+AVERAGING_FILE = "wavg_averaging.json"
+
+
+class WAvgTrainer(Trainer):
+    """``transformers.Trainer`` with weight averaging.
+
+    Takes every ``Trainer`` argument, plus ``wavg_config`` (:class:`WAvgConfig`). Differences
+    from ``Trainer``:
+
+    - ``evaluate()`` reports the average's metrics under the usual prefix (so
+      ``metric_for_best_model``, ``load_best_model_at_end`` and early stopping act on the
+      average); with ``evaluate_raw`` the raw weights are also reported, as ``eval_raw_*``;
+    - ``save_model()`` and ``push_to_hub()`` write the averaged weights, and the model card
+      says how they were averaged; checkpoints keep the raw weights (training resumes from
+      them) plus the averager state.
+    """
+
+    def __init__(self, *args: Any, wavg_config: WAvgConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.wavg_config = wavg_config or WAvgConfig()
+        self.wavg_callback = WAvgCallback(self.wavg_config)
+        self.add_callback(self.wavg_callback)
+        self._saving_checkpoint = False
+
+    @property
+    def averager(self) -> WeightAverager | None:
+        return self.wavg_callback.averager
+
+    def _average_ready(self) -> bool:
+        return self.averager is not None and self.averager.has_average
+
+    @contextmanager
+    def averaged_weights(self) -> Iterator[nn.Module]:
+        """The model with the average swapped in (and BatchNorm statistics recomputed for it
+        when configured); the raw weights come back bit for bit afterwards."""
+        recompute = self.wavg_config.recompute_batchnorm and not self.averager.is_swapped_in  # type: ignore[union-attr]
+        with self.wavg_callback.averaged_weights() as model:
+            context = recomputed_batchnorm(model, self._training_batches(), self.wavg_config.batchnorm_batches) \
+                if recompute else nullcontext()
+            with context:
+                yield model
+
+    def _training_batches(self) -> Iterator[dict[str, Any]]:
+        for batch in self.get_train_dataloader():
+            yield self._prepare_inputs(batch)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # the Trainer raises if None
+        self.wavg_callback.resume_from_checkpoint = resume_from_checkpoint or None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        # Mirror Trainer's handling of a dict of datasets here, so that each one is evaluated
+        # raw and averaged once, and raw metrics are always named "<prefix>_raw_...".
+        override = eval_dataset is not None
+        datasets = eval_dataset if override else self.eval_dataset
+        if not isinstance(datasets, dict):
+            return self._evaluate_raw_and_average(eval_dataset, ignore_keys, metric_key_prefix, "")
+        metrics: dict[str, float] = {}
+        for name, dataset in datasets.items():
+            metrics.update(
+                self._evaluate_raw_and_average(dataset if override else name, ignore_keys, metric_key_prefix, f"_{name}")
+            )
+        return metrics
+
+    def _evaluate_raw_and_average(
+        self, dataset: Any, ignore_keys: list[str] | None, prefix: str, suffix: str
+    ) -> dict[str, float]:
+        evaluate = super().evaluate
+        if not self.wavg_config.evaluate_average or not self._average_ready() or self.averager.is_swapped_in:  # type: ignore[union-attr]
+            return evaluate(dataset, ignore_keys, f"{prefix}{suffix}")
+        metrics: dict[str, float] = {}
+        if self.wavg_config.evaluate_raw:
+            metrics.update(evaluate(dataset, ignore_keys, f"{prefix}_raw{suffix}"))
+        # The average goes last: `on_evaluate` callbacks (early stopping) see its metrics.
+        with self.averaged_weights():
+            metrics.update(evaluate(dataset, ignore_keys, f"{prefix}{suffix}"))
+        return metrics
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # Checkpoints hold the raw weights: training resumes from them.
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self._saving_checkpoint or not self.wavg_config.save_average or not self._average_ready():
+            super().save_model(output_dir, _internal_call)
+            return
+        with self.averaged_weights():
+            super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            target = output_dir or self.args.output_dir
+            with open(os.path.join(target, AVERAGING_FILE), "w", encoding="utf-8") as handle:
+                json.dump(self.averaging_summary(), handle, indent=2)
+
+    def averaging_summary(self) -> dict[str, Any]:
+        """How the saved weights were averaged, with the last raw and averaged metrics."""
+        summary: dict[str, Any] = {"config": self.wavg_config.to_dict()}
+        if self.averager is not None:
+            summary["averager"] = self.averager.describe()
+        evaluations = [log for log in self.state.log_history if any(k.startswith("eval_") for k in log)]
+        if evaluations:
+            summary["last_evaluation"] = evaluations[-1]
+        return summary
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        super().create_model_card(*args, **kwargs)
+        if not self.is_world_process_zero() or not self._average_ready():
+            return
+        card_path = os.path.join(self.args.output_dir, "README.md")
+        with open(card_path, "a", encoding="utf-8") as handle:
+            handle.write("\n" + averaging_card_section(self.averaging_summary()))

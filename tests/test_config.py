@@ -1,0 +1,67 @@
+"""WAvgConfig validation and parsing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_wavg import EMA, LAWA, SWA, WAvgConfig
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("method", "median", "one of ema, swa, lawa"),
+        ("ema_decay", 1.0, r"in the open interval \(0, 1\)"),
+        ("ema_decay", 0.0, r"in the open interval \(0, 1\)"),
+        ("ema_schedule", "cosine", "one of constant, rational, power"),
+        ("ema_power", 0.0, "> 0"),
+        ("ema_gamma", -1.0, "> 0"),
+        ("lawa_k", 0, "an integer >= 1"),
+        ("update_every", 0, "an integer >= 1"),
+        ("update_every", 2.5, "an integer >= 1"),
+        ("start_step", -1, "an integer >= 0"),
+        ("start_fraction", 1.0, r"in \[0, 1\) or None"),
+        ("average_parameters", "frozen", "one of trainable, all"),
+        ("average_buffers", "sum", "one of copy, average"),
+        ("refine_every_epochs", -2, "an integer >= 0"),
+        ("batchnorm_batches", 0, "an integer >= 1"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_allowed_range(field, value, allowed):
+    with pytest.raises(ValueError, match=rf"WAvgConfig\.{field} must be {allowed}; got"):
+        WAvgConfig(**{field: value})
+
+
+def test_bad_regex_is_reported():
+    with pytest.raises(ValueError, match="average_name_regex is not a valid regular expression"):
+        WAvgConfig(average_name_regex="(")
+
+
+def test_parsed_with_training_arguments_from_cli_json_and_yaml(tmp_path):
+    parser = HfArgumentParser((TrainingArguments, WAvgConfig))
+    _, from_cli = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--method", "lawa", "--lawa_k", "3", "--evaluate_raw", "true"]
+    )
+    assert (from_cli.method, from_cli.lawa_k, from_cli.evaluate_raw) == ("lawa", 3, True)
+
+    settings = {"output_dir": str(tmp_path), "method": "swa", "start_fraction": 0.25}
+    (tmp_path / "args.json").write_text(json.dumps(settings))
+    _, from_json = parser.parse_json_file(str(tmp_path / "args.json"))
+    (tmp_path / "args.yaml").write_text("output_dir: x\nmethod: ema\nema_decay: 0.95\nema_schedule: power\n")
+    _, from_yaml = parser.parse_yaml_file(str(tmp_path / "args.yaml"))
+    assert (from_json.method, from_json.start_fraction) == ("swa", 0.25)
+    assert (from_yaml.ema_decay, from_yaml.ema_schedule) == (0.95, "power")
+    with pytest.raises(ValueError, match="WAvgConfig.ema_decay"):
+        (tmp_path / "bad.yaml").write_text("output_dir: x\nema_decay: 2\n")
+        parser.parse_yaml_file(str(tmp_path / "bad.yaml"))
+
+
+def test_builds_the_configured_strategy():
+    assert isinstance(WAvgConfig().build_strategy(), EMA)
+    assert isinstance(WAvgConfig(method="swa").build_strategy(), SWA)
+    lawa = WAvgConfig(method="lawa", lawa_k=4).build_strategy()
+    assert isinstance(lawa, LAWA) and lawa.k == 4
+    assert WAvgConfig(start_fraction=0.5).start_at(100) == 50 and WAvgConfig(start_step=7).start_at(100) == 7
