@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -104,6 +105,7 @@ def run_demo(settings: DemoSettings) -> dict[str, float]:
         save_strategy="no",
         logging_steps=10,
         report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
         seed=settings.seed,
         **settings.extra_args,
     )

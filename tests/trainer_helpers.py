@@ -1,0 +1,92 @@
+"""Shared pieces for the end-to-end Trainer tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from hf_wavg import WAvgConfig, WAvgTrainer
+from hf_wavg.demo.sample_data import LABEL_NAMES, sample_rows
+
+
+def tiny_dataset(tokenizer: Any, rows: int = 32, seed: int = 1) -> Dataset:
+    data = sample_rows(per_language=rows // 2, seed=seed)
+    dataset = Dataset.from_list([{"text": r["text"], "label": LABEL_NAMES.index(r["label"])} for r in data])
+    return dataset.map(lambda b: tokenizer(b["text"], truncation=True, max_length=32), batched=True,
+                       remove_columns=["text"])
+
+
+def seeded_classifier(model_path: str, seed: int = 0) -> torch.nn.Module:
+    """The pretrained encoder with a classification head initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+
+
+def training_args(output_dir: Path, **overrides: Any) -> TrainingArguments:
+    settings: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        max_steps=8,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        learning_rate=5e-4,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        logging_steps=100,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        dataloader_pin_memory=False,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def make_trainer(model_path: str, output_dir: Path, config: WAvgConfig | None = None, trainer_cls: type = WAvgTrainer,
+                 **overrides: Any) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    callbacks = overrides.pop("callbacks", None)
+    compute_metrics = overrides.pop("compute_metrics", None)
+    kwargs: dict[str, Any] = {"wavg_config": config} if trainer_cls is WAvgTrainer else {}
+    return trainer_cls(
+        model=seeded_classifier(model_path),
+        args=training_args(output_dir, **overrides),
+        train_dataset=tiny_dataset(tokenizer),
+        eval_dataset=tiny_dataset(tokenizer, rows=16, seed=2),
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=callbacks,
+        compute_metrics=compute_metrics,
+        **kwargs,
+    )
+
+
+class SnapshotRecorder(TrainerCallback):
+    """Records the named trainable weights after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        self.steps[state.global_step] = {
+            name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad
+        }
+
+
+def averaged_named(trainer: WAvgTrainer) -> dict[str, torch.Tensor]:
+    averager = trainer.averager
+    return dict(zip(averager.selection.names, averager.strategy.average()))
+
+
+def raw_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
