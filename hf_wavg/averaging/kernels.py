@@ -84,14 +84,18 @@ def add_(totals: Sequence[Tensor], snapshot: Sequence[Tensor], chunk_bytes: int 
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """True when no tensor holds a NaN or an infinity (one fused max-norm, one sync)."""
+    """True when no tensor holds a NaN or an infinity.
+
+    One float32 sum per tensor and a single device sync: NaN and +-inf propagate into the
+    sum (``inf + -inf`` is NaN), and it is the cheapest full reduction on CPU (about half a
+    lerp's time, where an inf-norm or ``isfinite`` costs several lerps). Finite weights
+    whose sum overflows float32 (beyond 3e38) would be skipped, which is the safe side.
+    """
     if not tensors:
         return True
-    norms: list[Tensor] = []
-    for indices in group_by_device_and_dtype(tensors).values():
-        norms.extend(torch._foreach_norm([tensors[i] for i in indices], ord=float("inf")))
-    first_device = norms[0].device
-    return bool(torch.stack([n.float().to(first_device) for n in norms]).isfinite().all())
+    sums = [t.sum(dtype=torch.float32) for t in tensors]
+    device = sums[0].device
+    return bool(torch.stack([s.to(device) for s in sums]).isfinite().all())
 
 
 def float32_like(tensors: Sequence[Tensor], device: torch.device | None, pin_memory: bool = False) -> list[Tensor]:

@@ -1,0 +1,119 @@
+"""Trainer step-time overhead of an EMA update after every optimizer step, on MiniLM.
+
+Plain ``Trainer`` and ``WAvgTrainer`` runs alternate on the same data, model and seed, so
+machine noise hits both alike; the table gives the median step time of each and their
+ratio. Independently of that noise, the time spent inside ``WeightAverager.update`` is
+measured directly and reported as a share of the step. The averaged state's size is
+counted exactly from its buffers.
+
+    python benchmarks/step_overhead.py               # 40 steps x 3 pairs
+    python benchmarks/step_overhead.py --steps 4 --pairs 1   # smoke test size
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
+from transformers import TrainingArguments
+from transformers.utils import logging as hf_logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, markdown_table, write_results  # noqa: E402
+
+from hf_wavg import WAvgConfig, WAvgTrainer  # noqa: E402
+from hf_wavg.demo.run import default_model_path  # noqa: E402
+from hf_wavg.demo.sample_data import LABEL_NAMES, sample_rows  # noqa: E402
+
+
+def dataset(tokenizer: Any, max_length: int) -> Dataset:
+    rows = sample_rows(per_language=240, seed=0)
+    data = Dataset.from_list([{"text": r["text"], "label": LABEL_NAMES.index(r["label"])} for r in rows])
+    return data.map(lambda b: tokenizer(b["text"], truncation=True, padding="max_length", max_length=max_length),
+                    batched=True, remove_columns=["text"])
+
+
+def run(with_average: bool, args: argparse.Namespace, model_path: str, data: Dataset, tokenizer: Any) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    training = TrainingArguments(output_dir=str(args.output_dir / "tmp"), max_steps=args.steps,
+                                 per_device_train_batch_size=args.batch_size, save_strategy="no", report_to="none",
+                                 disable_tqdm=True, logging_steps=10**6, dataloader_pin_memory=False, seed=0)
+    common = dict(model=model, args=training, train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer))
+    trainer = WAvgTrainer(**common, wavg_config=WAvgConfig(update_every=1)) if with_average else Trainer(**common)
+    update_seconds = 0.0
+    if with_average:
+        callback = trainer.wavg_callback
+        original = callback.on_train_begin
+
+        def on_train_begin(*a: Any, **k: Any) -> None:
+            nonlocal update_seconds
+            original(*a, **k)
+            update = callback.averager.update
+
+            def timed_update(*ua: Any, **uk: Any) -> bool:
+                nonlocal update_seconds
+                start = time.perf_counter()
+                result = update(*ua, **uk)
+                update_seconds += time.perf_counter() - start
+                return result
+            callback.averager.update = timed_update  # type: ignore[method-assign]
+        callback.on_train_begin = on_train_begin  # type: ignore[method-assign]
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    result = {"step_seconds": seconds / args.steps, "update_seconds": update_seconds / args.steps}
+    if with_average:
+        averager = trainer.averager
+        result["average_bytes"] = sum(t.numel() * t.element_size() for t in averager.strategy.average())
+        result["model_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--output-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    hf_logging.set_verbosity_error()
+    model_path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    data = dataset(tokenizer, args.max_length)
+
+    plain, averaged = [], []
+    for _ in range(args.pairs):
+        plain.append(run(False, args, model_path, data, tokenizer))
+        averaged.append(run(True, args, model_path, data, tokenizer))
+    plain_step = statistics.median(r["step_seconds"] for r in plain)
+    avg_step = statistics.median(r["step_seconds"] for r in averaged)
+    update = statistics.median(r["update_seconds"] for r in averaged)
+    memory, model_bytes = averaged[0]["average_bytes"], averaged[0]["model_bytes"]
+    rows = [
+        ["Trainer (no averaging)", f"{plain_step * 1e3:.1f}", "1.000", "-", "-"],
+        ["WAvgTrainer, EMA every step", f"{avg_step * 1e3:.1f}", f"{avg_step / plain_step:.3f}",
+         f"{update * 1e3:.2f} ms ({100 * update / avg_step:.2f}% of the step)",
+         f"{memory / 2**20:.1f} MiB = {memory / model_bytes:.2f} x the fp32 parameters"],
+    ]
+    table = markdown_table(["run", "ms / step (median)", "step-time ratio", "time in update()",
+                            "averaged state"], rows)
+    header = (f"MiniLM-L6 sequence classification, batch {args.batch_size} x {args.max_length} tokens, "
+              f"{args.steps} steps x {args.pairs} alternating pairs, CPU.\n\n")
+    command = "python benchmarks/step_overhead.py " + " ".join(sys.argv[1:])
+    path = write_results("step_overhead-minilm-cpu", command.strip(), header + table,
+                         {"plain": plain, "averaged": averaged}, args.output_dir)
+    print(header + table)
+    print(f"\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    main()

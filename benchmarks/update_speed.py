@@ -1,0 +1,197 @@
+"""Time of one EMA update of a BERT-base-sized model, hf_wavg against the alternatives.
+
+Every method runs in the same process on the same model, one after the other; memory
+(the resident-set growth from building the averager and doing one update) is measured for
+each method in a fresh subprocess, so one method's freed memory cannot hide another's.
+The bound is one ``torch.lerp_`` over flat float32 buffers holding as many elements as the
+model: no averager can move fewer bytes.
+
+    python benchmarks/update_speed.py                 # BERT-base (110M), CPU, float32
+    python benchmarks/update_speed.py --size tiny     # seconds; used by the smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, markdown_table, median_seconds, write_results  # noqa: E402
+
+from hf_wavg import EMA, DecaySchedule, WeightAverager  # noqa: E402
+
+DECAY = 0.999
+SIZES = {
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+}
+
+
+def build_model(size: str, device: str, dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    return BertModel(BertConfig(**SIZES[size])).to(device=device, dtype=dtype)
+
+
+def _load_timm_model_ema() -> Any:
+    """timm's ModelEmaV3 without importing timm (whose package import needs torchvision)."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("timm is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "utils" / "model_ema.py"
+    module_spec = importlib.util.spec_from_file_location("timm_model_ema", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.ModelEmaV3
+
+
+def make_updaters(model: nn.Module) -> dict[str, Callable[[], Callable[[], None]]]:
+    """Method name -> factory returning a zero-argument update function."""
+
+    def bound() -> Callable[[], None]:
+        numel = sum(p.numel() for p in model.parameters())
+        average = torch.zeros(numel, dtype=torch.float32, device=next(model.parameters()).device)
+        weights = torch.randn_like(average)
+        return lambda: average.lerp_(weights, 1 - DECAY)
+
+    def hf_wavg(check: bool) -> Callable[[], Callable[[], None]]:
+        def factory() -> Callable[[], None]:
+            averager = WeightAverager(model, EMA(DecaySchedule(DECAY, "constant")), parameters="all",
+                                      skip_non_finite=check)
+            averager.update()
+            return averager.update
+        return factory
+
+    def naive() -> Callable[[], None]:
+        params = list(model.parameters())
+        average = [p.detach().float().clone() for p in params]
+
+        def update() -> None:
+            with torch.no_grad():
+                for a, p in zip(average, params):
+                    a.mul_(DECAY).add_(p.float(), alpha=1 - DECAY)
+        return update
+
+    def swa_utils() -> Callable[[], None]:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
+        averaged.update_parameters(model)
+        return lambda: averaged.update_parameters(model)
+
+    def timm() -> Callable[[], None]:
+        ema = _load_timm_model_ema()(model, decay=DECAY, foreach=True)
+        return lambda: ema.update(model)
+
+    def diffusers() -> Callable[[], None]:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(model.parameters(), decay=DECAY, foreach=True)
+        return lambda: ema.step(model.parameters())
+
+    def ema_pytorch() -> Callable[[], None]:
+        from ema_pytorch import EMA as EmaPytorch
+
+        ema = EmaPytorch(model, beta=DECAY, update_after_step=0, update_every=1, power=1.0)
+        ema.update()
+        return ema.update
+
+    return {
+        "bound: one lerp_ over flat buffers": bound,
+        "hf_wavg EMA (no finite check)": hf_wavg(False),
+        "hf_wavg EMA (default, finite check)": hf_wavg(True),
+        "naive per-parameter loop": naive,
+        "torch swa_utils AveragedModel": swa_utils,
+        "timm ModelEmaV3": timm,
+        "diffusers EMAModel (foreach)": diffusers,
+        "ema-pytorch EMA": ema_pytorch,
+    }
+
+
+def measure_memory(method: str, args: argparse.Namespace) -> int | None:
+    """Resident-set growth (bytes) of building ``method`` and doing one update, in a subprocess."""
+    command = [sys.executable, __file__, "--size", args.size, "--device", args.device, "--dtype", args.dtype,
+               "--memory-of", method]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return None
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["bytes"])
+
+
+def _memory_child(method: str, args: argparse.Namespace) -> None:
+    model = build_model(args.size, args.device, getattr(torch, args.dtype))
+    process = psutil.Process()
+    before = process.memory_info().rss
+    update = make_updaters(model)[method]()
+    update()
+    print(json.dumps({"bytes": process.memory_info().rss - before}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="base")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--output-dir", type=Path, default=RESULTS)
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_of:
+        _memory_child(args.memory_of, args)
+        return
+
+    model = build_model(args.size, args.device, getattr(torch, args.dtype))
+    numel = sum(p.numel() for p in model.parameters())
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
+    results: dict[str, dict[str, Any]] = {}
+    for name, factory in make_updaters(model).items():
+        try:
+            update = factory()
+        except ImportError as error:
+            results[name] = {"error": f"not installed: {error}"}
+            continue
+        seconds = median_seconds(update, args.repeats, sync=sync)
+        results[name] = {"seconds": seconds, "memory_bytes": None if args.no_memory else measure_memory(name, args)}
+        del update
+
+    bound = results["bound: one lerp_ over flat buffers"]["seconds"]
+    ours = results["hf_wavg EMA (default, finite check)"]["seconds"]
+    rows = []
+    for name, result in results.items():
+        if "error" in result:
+            rows.append([name, "-", "-", "-", result["error"]])
+            continue
+        memory = result["memory_bytes"]
+        rows.append([
+            name,
+            f"{result['seconds'] * 1e3:.1f}",
+            f"{result['seconds'] / bound:.2f}x",
+            f"{result['seconds'] / ours:.2f}x",
+            "-" if memory is None else f"{memory / 2**20:.0f} MiB ({memory / (numel * 4):.2f} x fp32 model)",
+        ])
+    table = markdown_table(
+        ["method", "ms / update (median)", "vs bound", "vs hf_wavg default", "extra resident memory"], rows)
+    title = f"update_speed-{args.size}-{args.device}-{args.dtype}"
+    header = (f"One EMA update (decay {DECAY}) of a BERT-{args.size} model ({numel / 1e6:.1f}M parameters, "
+              f"{args.dtype}, {args.device}); median of {args.repeats} after 2 warm-up updates.\n\n")
+    command = "python benchmarks/update_speed.py " + " ".join(sys.argv[1:])
+    path = write_results(title, command.strip(), header + table, {"numel": numel, "results": results},
+                         args.output_dir)
+    print(header + table)
+    print(f"\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Each benchmark runs at a tiny size, so the scripts cannot rot (numbers are not checked)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+pytestmark = pytest.mark.slow
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_update_speed_smoke(tmp_path):
+    out = run("update_speed.py", "--size", "tiny", "--repeats", "1", "--no-memory", "--output-dir", str(tmp_path))
+    assert "| hf_wavg EMA (default, finite check) |" in out and "| bound: one lerp_ over flat buffers | " in out
+    assert (tmp_path / "update_speed-tiny-cpu-float32.json").is_file()
+
+
+def test_step_overhead_smoke(tmp_path, minilm_path):
+    out = run("step_overhead.py", "--steps", "2", "--pairs", "1", "--output-dir", str(tmp_path))
+    assert "| WAvgTrainer, EMA every step |" in out
+    assert (tmp_path / "step_overhead-minilm-cpu.md").is_file()
