@@ -91,6 +91,8 @@ def test_resume_from_mid_run_checkpoint_gives_the_uninterrupted_average(minilm_p
 
 
 def test_resume_without_averager_state_is_refused_unless_restart_is_asked(minilm_path, tmp_path):
+    with pytest.raises(ValueError, match="No valid checkpoint found"):
+        make_trainer(minilm_path, tmp_path / "empty", WAvgConfig()).train(resume_from_checkpoint=True)
     args = dict(save_strategy="steps", save_steps=4)
     make_trainer(minilm_path, tmp_path / "full", WAvgConfig(), **args).train()
     checkpoint = tmp_path / "full" / "checkpoint-4"
