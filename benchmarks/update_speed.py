@@ -13,7 +13,6 @@ model: no averager can move fewer bytes.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import subprocess

@@ -18,9 +18,9 @@ from transformers import (
 )
 
 from hf_wavg import WAvgConfig, WAvgTrainer
-from hf_wavg.demo.sample_data import LABEL_NAMES, sample_rows
+from hf_wavg.demo.sample_data import sample_rows
 from tests.reference import assert_close_to_reference, ema_reference
-from tests.trainer_helpers import SnapshotRecorder, averaged_named, training_args
+from tests.trainer_helpers import SnapshotRecorder, averaged_named, labelled_dataset, training_args
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def test_lora_averages_adapters_only_and_the_saved_adapter_reproduces_the_averag
     assert names == [n for n, p in model.named_parameters() if p.requires_grad]
     expected = ema_reference([[recorder.steps[s][n] for n in names] for s in sorted(recorder.steps)],
                              trainer.averager.strategy.schedule)
-    assert_close_to_reference([averaged_named(trainer)[n] for n in names], expected, rtol=1e-5, atol=1e-6)
+    assert_close_to_reference([averaged_named(trainer.averager)[n] for n in names], expected, rtol=1e-5, atol=1e-6)
 
     trainer.save_model(str(tmp_path / "adapter"))
     reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"),
@@ -89,9 +89,7 @@ def test_albert_from_config_trains_with_wavg_trainer(tmp_path, corpus):
                           pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = AlbertForSequenceClassification(config)
-    data = Dataset.from_list([{"text": r["text"], "label": LABEL_NAMES.index(r["label"])} for r in corpus])
-    data = data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=32), batched=True,
-                    remove_columns=["text"])
+    data = labelled_dataset(tokenizer, corpus)
     trainer = WAvgTrainer(model=model, args=training_args(tmp_path / "run", learning_rate=1e-3), train_dataset=data,
                           eval_dataset=data, data_collator=DataCollatorWithPadding(tokenizer),
                           processing_class=tokenizer, wavg_config=WAvgConfig(method="swa", evaluate_raw=True))
@@ -103,7 +101,7 @@ def test_albert_from_config_trains_with_wavg_trainer(tmp_path, corpus):
     assert {"eval_loss", "eval_raw_loss"} <= set(metrics) and metrics["eval_loss"] != metrics["eval_raw_loss"]
     trainer.save_model(str(tmp_path / "saved"))
     reloaded = AlbertForSequenceClassification.from_pretrained(tmp_path / "saved")
-    average = averaged_named(trainer)
+    average = averaged_named(trainer.averager)
     for name, param in reloaded.named_parameters():
         if name in average:
             torch.testing.assert_close(param, average[name])

@@ -28,7 +28,7 @@ def test_average_saved_model_and_evaluation_match_independent_references(minilm_
     names = trainer.averager.selection.names
     expected = ema_reference([[snap[n] for n in names] for snap in folded], DecaySchedule(0.9, "rational"))
     assert trainer.averager.num_updates == 4
-    assert_close_to_reference([averaged_named(trainer)[n] for n in names], expected, rtol=1e-5, atol=1e-6)
+    assert_close_to_reference([averaged_named(trainer.averager)[n] for n in names], expected, rtol=1e-5, atol=1e-6)
 
     # Evaluating the average leaves the raw weights untouched, bit for bit.
     before = raw_state(trainer.model)
@@ -77,17 +77,16 @@ def test_resume_from_mid_run_checkpoint_gives_the_uninterrupted_average(minilm_p
     resumed = make_trainer(minilm_path, tmp_path / "resumed", config, **args)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.averager.num_updates == full.averager.num_updates == 8
-    for name, value in averaged_named(full).items():
-        torch.testing.assert_close(averaged_named(resumed)[name], value, rtol=1e-5, atol=1e-6)
+    for name, value in averaged_named(full.averager).items():
+        torch.testing.assert_close(averaged_named(resumed.averager)[name], value, rtol=1e-5, atol=1e-6)
 
     # The bare callback on a plain Trainer finds the state in <output_dir>/checkpoint-<step>.
     shutil.copytree(checkpoint, tmp_path / "plain" / "checkpoint-4")
     callback = WAvgCallback(config)
     plain = make_trainer(minilm_path, tmp_path / "plain", trainer_cls=Trainer, callbacks=[callback], **args)
     plain.train(resume_from_checkpoint=True)
-    for name, value in averaged_named(full).items():
-        torch.testing.assert_close(dict(zip(callback.averager.selection.names, callback.averager.strategy.average()))[name],
-                                   value, rtol=1e-5, atol=1e-6)
+    for name, value in averaged_named(full.averager).items():
+        torch.testing.assert_close(averaged_named(callback.averager)[name], value, rtol=1e-5, atol=1e-6)
 
 
 def test_resume_without_averager_state_is_refused_unless_restart_is_asked(minilm_path, tmp_path):
@@ -118,7 +117,7 @@ def test_load_best_model_at_end_and_early_stopping_use_the_average(minilm_path, 
     best = trainer.state.best_model_checkpoint
     assert best.endswith("checkpoint-2")
     saved_average, _ = load_state(best)
-    for name, value in averaged_named(trainer).items():
+    for name, value in averaged_named(trainer.averager).items():
         assert torch.equal(value, saved_average[f"average::{name}"])
     raw_best = load_file(f"{best}/model.safetensors")
     assert torch.equal(trainer.model.state_dict()["classifier.weight"], raw_best["classifier.weight"])
@@ -132,7 +131,7 @@ def test_gradient_accumulation_folds_once_per_optimizer_step(minilm_path, tmp_pa
     assert trainer.averager.num_updates == 3 == len(recorder.steps)
     names = trainer.averager.selection.names
     expected = mean_reference([[recorder.steps[s][n] for n in names] for s in (1, 2, 3)])
-    assert_close_to_reference([averaged_named(trainer)[n] for n in names], expected, rtol=1e-5, atol=1e-6)
+    assert_close_to_reference([averaged_named(trainer.averager)[n] for n in names], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_refine_every_epoch_and_load_average_at_end(minilm_path, tmp_path):
@@ -142,7 +141,7 @@ def test_refine_every_epoch_and_load_average_at_end(minilm_path, tmp_path):
             self.trainer, self.matches = trainer, []
 
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
-            average = averaged_named(self.trainer)
+            average = averaged_named(self.trainer.averager)
             self.matches.append(all(torch.equal(p, average[n]) for n, p in model.named_parameters() if n in average))
 
     config = WAvgConfig(method="swa", refine_every_epochs=1, load_average_at_end=True)
@@ -151,5 +150,5 @@ def test_refine_every_epoch_and_load_average_at_end(minilm_path, tmp_path):
     trainer.add_callback(probe)  # runs after WAvgCallback
     trainer.train()
     assert probe.matches == [True, True]
-    average = averaged_named(trainer)
+    average = averaged_named(trainer.averager)
     assert all(torch.equal(p, average[n]) for n, p in trainer.model.named_parameters() if n in average)

@@ -15,15 +15,19 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_wavg import WAvgConfig, WAvgTrainer
+from hf_wavg import WAvgConfig, WAvgTrainer, WeightAverager
 from hf_wavg.demo.sample_data import LABEL_NAMES, sample_rows
 
 
-def tiny_dataset(tokenizer: Any, rows: int = 32, seed: int = 1) -> Dataset:
-    data = sample_rows(per_language=rows // 2, seed=seed)
-    dataset = Dataset.from_list([{"text": r["text"], "label": LABEL_NAMES.index(r["label"])} for r in data])
+def labelled_dataset(tokenizer: Any, rows: list[dict[str, str]]) -> Dataset:
+    """Sample rows (text, string label) tokenized, with integer labels."""
+    dataset = Dataset.from_list([{"text": r["text"], "label": LABEL_NAMES.index(r["label"])} for r in rows])
     return dataset.map(lambda b: tokenizer(b["text"], truncation=True, max_length=32), batched=True,
                        remove_columns=["text"])
+
+
+def tiny_dataset(tokenizer: Any, rows: int = 32, seed: int = 1) -> Dataset:
+    return labelled_dataset(tokenizer, sample_rows(per_language=rows // 2, seed=seed))
 
 
 def seeded_classifier(model_path: str, seed: int = 0) -> torch.nn.Module:
@@ -83,8 +87,7 @@ class SnapshotRecorder(TrainerCallback):
         }
 
 
-def averaged_named(trainer: WAvgTrainer) -> dict[str, torch.Tensor]:
-    averager = trainer.averager
+def averaged_named(averager: WeightAverager) -> dict[str, torch.Tensor]:
     return dict(zip(averager.selection.names, averager.strategy.average()))
 
 
