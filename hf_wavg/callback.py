@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,6 +21,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_wavg.averager import WeightAverager
 from hf_wavg.config import WAvgConfig
+from hf_wavg.safety.config import SafetyConfig
+from hf_wavg.safety.monitor import SafetyData, SafetyMonitor, safety_data_from
 from hf_wavg.state_io import AveragerStateError, has_state
 
 logger = logging.getLogger(__name__)
@@ -34,13 +36,34 @@ class WAvgCallback(TrainerCallback):
         resume_from_checkpoint: checkpoint folder that training resumes from. When ``None``
             and the Trainer resumes, the callback reads ``<output_dir>/checkpoint-<step>``,
             where the Trainer writes its checkpoints.
+        safety_config: run the safety suite on the average at each evaluation (or every
+            ``safety_every_updates`` updates); its metrics join the evaluation's metrics and
+            ``state.log_history``, and ``<output_dir>/safety_report.json`` is rewritten.
+        safety_dataset: texts (and labels) for the suite: a ``datasets.Dataset`` or a dict of
+            columns named as in ``safety_config``.
+        tokenizer: the model's tokenizer; by default the Trainer's ``processing_class``.
     """
 
-    def __init__(self, config: WAvgConfig | None = None, resume_from_checkpoint: str | None = None) -> None:
+    def __init__(
+        self,
+        config: WAvgConfig | None = None,
+        resume_from_checkpoint: str | None = None,
+        safety_config: SafetyConfig | None = None,
+        safety_dataset: Any = None,
+        tokenizer: Any = None,
+    ) -> None:
         self.config = config or WAvgConfig()
         self.resume_from_checkpoint = resume_from_checkpoint
         self.averager: WeightAverager | None = None
         self.first_step = 0
+        self.safety_monitor = SafetyMonitor(safety_config) if safety_config is not None else None
+        self.safety_data: SafetyData = (
+            safety_data_from(safety_dataset, safety_config) if safety_config is not None else (None, None, None)
+        )
+        self.tokenizer = tokenizer
+        # Where safety metrics go besides the evaluation's metrics: WAvgTrainer sets its
+        # Trainer.log, which reaches every report_to integration; otherwise log_history.
+        self.log_fn: Callable[[dict[str, float]], None] | None = None
 
     def should_update(self, step: int) -> bool:
         return step >= self.first_step and (step - self.first_step) % self.config.update_every == 0
@@ -98,8 +121,43 @@ class WAvgCallback(TrainerCallback):
         # in again would count one snapshot twice.
         if self.averager is None or getattr(optimizer, "step_was_skipped", False):
             return
-        if self.should_update(state.global_step):
-            self.averager.update(step=state.global_step)
+        if self.should_update(state.global_step) and self.averager.update(step=state.global_step):
+            every = self.safety_monitor.config.safety_every_updates if self.safety_monitor else 0
+            if every and self.averager.num_updates % every == 0:
+                self._run_safety(args, state, kwargs.get("model"), kwargs.get("processing_class"), None)
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        monitor = self.safety_monitor
+        if monitor is None or monitor.config.safety_every_updates:
+            return
+        if monitor.last_step == state.global_step:  # one run per step, even for a dict of eval sets
+            return
+        self._run_safety(args, state, kwargs.get("model"), kwargs.get("processing_class"), metrics)
+
+    def _run_safety(self, args: TrainingArguments, state: TrainerState, model: nn.Module | None,
+                    processing_class: Any, metrics: dict[str, float] | None) -> None:
+        assert self.safety_monitor is not None
+        tokenizer = self.tokenizer or processing_class
+        if model is None or tokenizer is None:
+            raise ValueError("WAvgCallback's safety suite needs the model and a tokenizer (pass tokenizer=...)")
+        logged = self.safety_monitor.evaluate(
+            model, tokenizer, self.averager, state.global_step, self.safety_data, self.config.evaluate_raw
+        )
+        if metrics is not None:
+            metrics.update(logged)
+        if self.log_fn is not None:
+            self.log_fn(logged)
+        else:
+            state.log_history.append({**logged, "step": state.global_step})
+        if args.should_save:
+            self.safety_monitor.write_report(args.output_dir)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         every = self.config.refine_every_epochs

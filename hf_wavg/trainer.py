@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -18,6 +19,9 @@ from hf_wavg.batchnorm import recomputed_batchnorm
 from hf_wavg.callback import WAvgCallback
 from hf_wavg.config import WAvgConfig
 from hf_wavg.model_card import averaging_card_section
+from hf_wavg.safety.config import SafetyConfig
+from hf_wavg.safety.logit_pairing import logit_pairing_penalty
+from hf_wavg.safety.monitor import PLOT_FILE, SafetyMonitor
 
 AVERAGING_FILE = "wavg_averaging.json"
 
@@ -33,15 +37,40 @@ class WAvgTrainer(Trainer):
       average); with ``evaluate_raw`` the raw weights are also reported, as ``eval_raw_*``;
     - ``save_model()`` and ``push_to_hub()`` write the averaged weights, and the model card
       says how they were averaged; checkpoints keep the raw weights (training resumes from
-      them) plus the averager state.
+      them) plus the averager state;
+    - with ``safety_config`` (:class:`SafetyConfig`), every evaluation also runs the safety
+      suite on the averaged (and, with ``evaluate_raw``, raw) weights: ``safety/*`` metrics
+      in the log, ``safety_report.json`` and ``safety_metrics.png`` in the output folder, a
+      table in the model card; ``safety_dataset`` (default: the evaluation dataset) gives
+      its texts. ``safety_logit_pairing_weight`` adds the counterfactual logit pairing
+      penalty to the training loss.
     """
 
-    def __init__(self, *args: Any, wavg_config: WAvgConfig | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        wavg_config: WAvgConfig | None = None,
+        safety_config: SafetyConfig | None = None,
+        safety_dataset: Any = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.wavg_config = wavg_config or WAvgConfig()
-        self.wavg_callback = WAvgCallback(self.wavg_config)
+        self.safety_config = safety_config
+        self.wavg_callback = WAvgCallback(
+            self.wavg_config,
+            safety_config=safety_config,
+            safety_dataset=safety_dataset if safety_dataset is not None else self.eval_dataset,
+            tokenizer=self.processing_class,
+        )
+        self.wavg_callback.log_fn = self.log
         self.add_callback(self.wavg_callback)
         self._saving_checkpoint = False
+        self._pairing_rng = random.Random(safety_config.safety_seed if safety_config else 0)
+
+    @property
+    def safety_monitor(self) -> SafetyMonitor | None:
+        return self.wavg_callback.safety_monitor
 
     @property
     def averager(self) -> WeightAverager | None:
@@ -79,6 +108,8 @@ class WAvgTrainer(Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
+        if self.safety_monitor is not None:
+            self.safety_monitor.last_step = None  # each evaluate() call runs the suite once
         # Mirror Trainer's handling of a dict of datasets here, so that each one is evaluated
         # raw and averaged once, and raw metrics are always named "<prefix>_raw_...".
         override = eval_dataset is not None
@@ -124,6 +155,9 @@ class WAvgTrainer(Trainer):
             target = output_dir or self.args.output_dir
             with open(os.path.join(target, AVERAGING_FILE), "w", encoding="utf-8") as handle:
                 json.dump(self.averaging_summary(), handle, indent=2)
+            if self.safety_monitor is not None and self.safety_monitor.history:
+                self.safety_monitor.write_report(target)
+                self.safety_monitor.plot(target)
 
     def averaging_summary(self) -> dict[str, Any]:
         """How the saved weights were averaged, with the last raw and averaged metrics."""
@@ -142,3 +176,19 @@ class WAvgTrainer(Trainer):
         card_path = os.path.join(self.args.output_dir, "README.md")
         with open(card_path, "a", encoding="utf-8") as handle:
             handle.write("\n" + averaging_card_section(self.averaging_summary()))
+            if self.safety_monitor is not None and self.safety_monitor.history:
+                handle.write("\n" + self.safety_monitor.card_section())
+                if os.path.isfile(os.path.join(self.args.output_dir, PLOT_FILE)):
+                    handle.write(f"\n![Safety metrics over training]({PLOT_FILE})\n")
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        weight = self.safety_config.safety_logit_pairing_weight if self.safety_config else 0.0
+        if not weight or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        penalty = logit_pairing_penalty(
+            model, self.processing_class, inputs, outputs.logits, self.safety_config.languages, self._pairing_rng  # type: ignore[union-attr]
+        )
+        loss = loss + weight * penalty
+        return (loss, outputs) if return_outputs else loss

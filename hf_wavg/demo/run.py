@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 from hf_wavg.config import WAvgConfig
 from hf_wavg.demo.data import load_text_classification
 from hf_wavg.demo.sample_data import write_sample
+from hf_wavg.safety.config import SafetyConfig
 from hf_wavg.trainer import WAvgTrainer
 
 
@@ -64,6 +65,7 @@ class DemoSettings:
     max_length: int = 64
     max_train_samples: int | None = None
     seed: int = 0
+    safety: bool = True
     extra_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -118,6 +120,9 @@ def run_demo(settings: DemoSettings) -> dict[str, float]:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=classification_metrics,
         wavg_config=WAvgConfig(method=settings.method, ema_decay=settings.ema_decay, evaluate_raw=True),
+        safety_config=SafetyConfig(safety_label_column="label", safety_text_column=data.text_column)
+        if settings.safety else None,
+        safety_dataset=data.test,
     )
     started = time.perf_counter()
     trainer.train()
@@ -145,5 +150,10 @@ def format_report(metrics: dict[str, float], splits: list[str], seconds: float, 
             raw, avg = metrics.get(f"eval_raw_{split}_{metric}"), metrics.get(f"eval_{split}_{metric}")
             if raw is not None and avg is not None:
                 lines.append(f"| {split:<6} | {metric:<9} | {raw:>8.4f} | {avg:>8.4f} |")
+    monitor = trainer.safety_monitor
+    if monitor is not None and monitor.history:
+        seconds_spent = sum(entry["metrics"].get("seconds", 0.0) for entry in monitor.history)
+        lines += ["", monitor.card_section().strip(), "",
+                  f"safety suite: {len(monitor.history)} runs, {seconds_spent:.1f} s in all"]
     lines += ["", f"averaged model saved to {saved}"]
     return "\n".join(lines)

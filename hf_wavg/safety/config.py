@@ -1,0 +1,111 @@
+"""``SafetyConfig``: what the safety suite measures, on which texts, and how often.
+
+A dataclass that ``HfArgumentParser`` parses beside ``TrainingArguments`` and
+``WAvgConfig``; every field starts with ``safety_`` so none clashes with theirs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hf_wavg.safety.lexicons import available_languages, load_lexicon
+from hf_wavg.safety.perturbations import PERTURBATIONS
+
+
+def _help(text: str) -> Any:
+    return {"help": text}
+
+
+@dataclass
+class SafetyConfig:
+    safety_languages: list[str] | None = field(
+        default=None, metadata=_help("Lexicon languages for counterfactuals (None: all; en bn hi mr ta te ur).")
+    )
+    safety_families: list[str] | None = field(
+        default=None, metadata=_help("Group families (gender, names, religion, region, nationality; None: all).")
+    )
+    safety_max_template_sets: int = field(
+        default=24, metadata=_help("Template counterfactual sets sampled per run (0: none).")
+    )
+    safety_max_examples: int = field(
+        default=48, metadata=_help("Evaluation texts used for perturbations, calibration and text counterfactuals.")
+    )
+    safety_perturbations: list[str] | None = field(
+        default=None, metadata=_help("Perturbation families (None: all).")
+    )
+    safety_perturbations_per_example: int = field(
+        default=2, metadata=_help("Perturbation families applied to each text, assigned round-robin (>= 1).")
+    )
+    safety_perturbation_rate: float = field(default=0.1, metadata=_help("Share of words each perturbation edits."))
+    safety_attack_examples: int = field(default=8, metadata=_help("Texts attacked per run (0: no attack)."))
+    safety_query_budget: int = field(default=30, metadata=_help("Model queries the attack may spend per text."))
+    safety_text_column: str = field(default="text", metadata=_help("Text column of the evaluation dataset."))
+    safety_label_column: str = field(default="label", metadata=_help("Label column of the evaluation dataset."))
+    safety_group_column: str | None = field(
+        default=None, metadata=_help("Column of demographic group labels, for group gaps on real data.")
+    )
+    safety_protected_words: list[str] | None = field(
+        default=None, metadata=_help("Words perturbations never edit (e.g. label-bearing words).")
+    )
+    safety_positive_label: int = field(default=1, metadata=_help("Class whose probability is the score."))
+    safety_max_length: int = field(default=128, metadata=_help("Tokens per text; longer texts are truncated and counted."))
+    safety_batch_size: int = field(default=64, metadata=_help("Inference batch size."))
+    safety_n_resamples: int = field(default=1000, metadata=_help("Bootstrap resamples per metric."))
+    safety_confidence_level: float = field(default=0.95, metadata=_help("Confidence level of the intervals."))
+    safety_seed: int = field(default=0, metadata=_help("Seed of sampling, perturbations, attack and bootstrap."))
+    safety_every_updates: int = field(
+        default=0, metadata=_help("Run every N averaging updates instead of at each evaluation (0: at evaluation).")
+    )
+    safety_logit_pairing_weight: float = field(
+        default=0.0, metadata=_help("Weight of the counterfactual logit pairing penalty in the loss (0: off).")
+    )
+
+    def __post_init__(self) -> None:
+        known = available_languages()
+        for language in self.languages:
+            if language not in known:
+                raise ValueError(f"SafetyConfig.safety_languages: no lexicon for {language!r}; available: {', '.join(known)}")
+        families = {name for language in self.languages for name in load_lexicon(language).families}
+        for family in self.safety_families or ():
+            if family not in families:
+                raise ValueError(f"SafetyConfig.safety_families: unknown family {family!r}; known: {', '.join(sorted(families))}")
+        for name in self.perturbations:
+            if name not in PERTURBATIONS:
+                raise ValueError(f"SafetyConfig.safety_perturbations: unknown {name!r}; known: {', '.join(PERTURBATIONS)}")
+        checks = {
+            "safety_max_template_sets": self.safety_max_template_sets >= 0,
+            "safety_max_examples": self.safety_max_examples >= 0,
+            "safety_attack_examples": self.safety_attack_examples >= 0,
+            "safety_perturbations_per_example": self.safety_perturbations_per_example >= 1,
+            "safety_query_budget": self.safety_query_budget >= 1,
+            "safety_max_length": self.safety_max_length >= 1,
+            "safety_batch_size": self.safety_batch_size >= 1,
+            "safety_n_resamples": self.safety_n_resamples >= 0,
+            "safety_every_updates": self.safety_every_updates >= 0,
+            "safety_logit_pairing_weight": self.safety_logit_pairing_weight >= 0,
+            "safety_perturbation_rate": 0 < self.safety_perturbation_rate <= 1,
+            "safety_confidence_level": 0 < self.safety_confidence_level < 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"SafetyConfig.{name} is out of range; got {getattr(self, name)!r}")
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        return tuple(self.safety_languages or available_languages())
+
+    @property
+    def families(self) -> tuple[str, ...] | None:
+        return tuple(self.safety_families) if self.safety_families else None
+
+    @property
+    def perturbations(self) -> tuple[str, ...]:
+        return tuple(self.safety_perturbations or PERTURBATIONS)
+
+    @property
+    def bootstrap(self) -> dict[str, Any]:
+        return {"n_resamples": self.safety_n_resamples, "confidence_level": self.safety_confidence_level, "seed": self.safety_seed}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,133 @@
+"""Counterfactual sets: the same sentence with the identity term of one group swapped for
+each other group of its family.
+
+Two sources: the lexicon's templates (every language, labels known) and the user's own
+texts, where terms of families marked ``swap_in_free_text`` are found and replaced. Gender
+is never swapped in the free text of languages with grammatical gender (the verb and
+adjective would disagree); their gender counterfactuals come from the per-gender templates.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+
+import regex
+
+from hf_wavg.safety.lexicons import GroupFamily, Lexicon, load_lexicon
+from hf_wavg.safety.text import WORD_CHARS, match_case, replace_spans
+
+
+@dataclass(frozen=True)
+class CounterfactualSet:
+    """One sentence in every group of a family. ``reference_group`` names the original
+    (for texts) or the first group (for templates); score changes are measured from it."""
+
+    language: str
+    family: str
+    variants: dict[str, str]
+    reference_group: str
+    label: int | None = None
+    source: str = "template"
+    text_index: int | None = None
+
+    @property
+    def reference_text(self) -> str:
+        return self.variants[self.reference_group]
+
+
+def template_sets(lexicon: Lexicon, families: tuple[str, ...] | None = None) -> list[CounterfactualSet]:
+    """Every (template, aligned term index) of the lexicon as a counterfactual set."""
+    sets = []
+    for family in lexicon.families.values():
+        if families is not None and family.name not in families:
+            continue
+        for template in (t for t in lexicon.templates if t.slot == family.slot):
+            for gender, terms in family.aligned_sets():
+                variants = {
+                    group: template.render(term, group if family.name == "gender" else gender)
+                    for group, term in terms.items()
+                }
+                sets.append(
+                    CounterfactualSet(lexicon.language, family.name, variants, family.group_names[0], template.label)
+                )
+    return sets
+
+
+@dataclass(frozen=True)
+class _TermMatcher:
+    pattern: regex.Pattern
+    # casefolded term -> (group, gender, aligned index); the first listing wins
+    lookup: dict[str, tuple[str, str, int]]
+    # (group, gender) -> aligned terms, for looking up the replacement
+    terms: dict[tuple[str, str], tuple[str, ...]]
+
+
+@lru_cache(maxsize=None)
+def _matcher(language: str, family_name: str) -> _TermMatcher:
+    family: GroupFamily = load_lexicon(language).families[family_name]
+    lookup: dict[str, tuple[str, str, int]] = {}
+    terms: dict[tuple[str, str], tuple[str, ...]] = {}
+    listings = [(group, gender, aligned) for group, by_gender in family.groups.items() for gender, aligned in by_gender.items()]
+    listings += [(group, "free_text", aligned) for group, aligned in family.free_text_groups.items()]
+    for group, gender, aligned in listings:
+        terms[(group, gender)] = aligned
+        for index, term in enumerate(aligned):
+            lookup.setdefault(term.casefold(), (group, gender, index))
+    alternatives = "|".join(regex.escape(term) for term in sorted(lookup, key=len, reverse=True))
+    pattern = regex.compile(rf"(?<![{WORD_CHARS}])(?:{alternatives})(?![{WORD_CHARS}])", regex.IGNORECASE)
+    return _TermMatcher(pattern, lookup, terms)
+
+
+def text_counterfactuals(
+    text: str,
+    language: str,
+    families: tuple[str, ...] | None = None,
+    label: int | None = None,
+    text_index: int | None = None,
+) -> list[CounterfactualSet]:
+    """Counterfactual sets of a free text, one per family whose terms it contains.
+
+    Every matched term is replaced by the aligned term of the target group, so "he lost his
+    keys" becomes "she lost her keys". The reference group is the most frequent group among
+    the matches. A text without identity terms gives no set: it is *not applicable*, which
+    the metrics report apart from fair results.
+    """
+    lexicon = load_lexicon(language)
+    sets = []
+    for family in lexicon.families.values():
+        if not family.swap_in_free_text or (families is not None and family.name not in families):
+            continue
+        matcher = _matcher(language, family.name)
+        matches = [(m.span(), m.group(), matcher.lookup[m.group().casefold()]) for m in matcher.pattern.finditer(text)]
+        if not matches:
+            continue
+        reference = Counter(group for _, _, (group, _, _) in matches).most_common(1)[0][0]
+        variants = {}
+        for target in family.group_names:
+            replacements = {}
+            for span, found, (group, gender, index) in matches:
+                aligned = matcher.terms[(target, gender)]
+                replacements[span] = found if group == target else match_case(found, aligned[index])
+            variants[target] = replace_spans(text, replacements)
+        variants[reference] = text
+        sets.append(CounterfactualSet(language, family.name, variants, reference, label, "text", text_index))
+    return sets
+
+
+def random_counterfactual(text: str, languages: tuple[str, ...], rng: random.Random) -> str | None:
+    """One counterfactual of ``text`` in a randomly chosen other group, or None when it holds
+    no swappable identity term (used by the logit-pairing penalty)."""
+    candidates = [
+        (cf_set, group)
+        for language in languages
+        for cf_set in text_counterfactuals(text, language)
+        for group, variant in cf_set.variants.items()
+        if group != cf_set.reference_group and variant != text
+    ]
+    if not candidates:
+        return None
+    cf_set, group = rng.choice(candidates)
+    return cf_set.variants[group]

@@ -1,0 +1,23 @@
+"""Adversarial robustness: how often, and how cheaply, a black-box attack flips predictions."""
+
+import datasets
+
+from hf_wavg.safety.measures import adversarial_robustness
+# The base class is reached through its module: evaluate loads the first metric class
+# it finds in this module's namespace, which must be the one defined here.
+from hf_wavg.safety import metric_base
+
+
+class AdversarialRobustness(metric_base.SafetyMetric):
+    measure = staticmethod(adversarial_robustness)
+    metric_description = (
+        "Rows are attacked examples (see hf_wavg.safety.attack). Reports attack_success_rate (over examples "
+        "originally right), accuracy_under_attack, mean_queries and mean_edited_words (successful attacks)."
+    )
+    metric_citation = "Gao et al. 2018, Black-box Generation of Adversarial Text Sequences to Evade Deep Learning Classifiers."
+    metric_features = {
+        "originally_correct": datasets.Value("bool"),
+        "attack_success": datasets.Value("bool"),
+        "queries": datasets.Value("int64"),
+        "edited_words": datasets.Value("int64"),
+    }

@@ -1,0 +1,22 @@
+"""Counterfactual log-likelihood gap of a causal language model."""
+
+import datasets
+
+from hf_wavg.safety.measures import likelihood_gap
+# The base class is reached through its module: evaluate loads the first metric class
+# it finds in this module's namespace, which must be the one defined here.
+from hf_wavg.safety import metric_base
+
+
+class LikelihoodGap(metric_base.SafetyMetric):
+    measure = staticmethod(likelihood_gap)
+    metric_description = (
+        "Rows are sentence pairs differing only in the group term: the log-likelihood of the first group's "
+        "sentence and of its counterfactual. Reports preference_rate (share preferring the first), mean_gap "
+        "and mean_abs_gap (nats)."
+    )
+    metric_citation = "Nangia et al. 2020, CrowS-Pairs: A Challenge Dataset for Measuring Social Biases in Masked Language Models."
+    metric_features = {
+        "log_likelihoods": datasets.Value("float64"),
+        "counterfactual_log_likelihoods": datasets.Value("float64"),
+    }

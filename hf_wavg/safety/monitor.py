@@ -1,0 +1,206 @@
+"""``SafetyMonitor``: runs the suite on a Trainer's raw and averaged weights, keeps the
+history, and writes it out as a JSON report, a plot and a model-card table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import nullcontext
+from typing import Any
+
+import regex
+from torch import nn
+
+from hf_wavg.averager import WeightAverager
+from hf_wavg.safety.config import SafetyConfig
+from hf_wavg.safety.suite import SafetyResult, SafetySuite
+
+REPORT_FILE = "safety_report.json"
+PLOT_FILE = "safety_metrics.png"
+# What the plot and the model card show; every metric is in the log and the report.
+HEADLINE_METRICS = (
+    ("counterfactual/flip_rate", "Counterfactual flip rate"),
+    ("counterfactual/group_gap", "Counterfactual group gap"),
+    ("counterfactual/average_group_fairness", "Average group fairness (W1)"),
+    ("perturbation/accuracy", "Accuracy under perturbation"),
+    ("perturbation/invariance_failure_rate", "Perturbation invariance failures"),
+    ("adversarial/attack_success_rate", "Attack success rate"),
+    ("adversarial/accuracy_under_attack", "Accuracy under attack"),
+    ("calibration/ece", "Expected calibration error"),
+    ("calibration/brier", "Brier score"),
+)
+WEIGHTS = ("average", "raw")
+# Logged besides the headline metrics and their intervals (the report keeps everything).
+LOGGED_BREAKDOWNS = regex.compile(
+    r"^(counterfactual/[a-z]{2}/(flip_rate|group_gap)"
+    r"|group_gaps/[^/]+/(accuracy_gap|positive_rate_gap|equalized_odds_gap)"
+    r"|likelihood/.+/(preference_rate|mean_gap)"
+    r"|seconds|truncated_texts)$"
+)
+
+
+def loggable(metrics: dict[str, float]) -> dict[str, float]:
+    """The finite metrics worth a line in every logger: headline values with their
+    intervals, and point values of the per-language and per-group breakdowns."""
+    headline = {key for key, _ in HEADLINE_METRICS}
+    headline |= {f"{key}_ci_{side}" for key in set(headline) for side in ("low", "high")}
+    return {
+        key: value for key, value in metrics.items()
+        if (key in headline or LOGGED_BREAKDOWNS.match(key)) and math.isfinite(value)
+    }
+
+
+SafetyData = tuple[list[str] | None, list[int] | None, list[str] | None]
+
+
+def safety_data_from(dataset: Any, config: SafetyConfig) -> SafetyData:
+    """Texts, labels and group labels from a ``datasets.Dataset`` (or a dict of columns),
+    by the column names of ``config``; a dict of datasets contributes its first one.
+    Missing columns give None, which the suite reports as not measured."""
+    if isinstance(dataset, dict) and dataset and not isinstance(next(iter(dataset.values())), list):
+        dataset = next(iter(dataset.values()))
+    if dataset is None:
+        return None, None, None
+    columns = dataset.column_names if hasattr(dataset, "column_names") else list(dataset)
+
+    def column(name: str | None) -> list | None:
+        return list(dataset[name]) if name and name in columns else None
+
+    labels = column(config.safety_label_column)
+    if labels is not None and not all(isinstance(label, int) or label is None for label in labels):
+        labels = None  # string labels: the model's class ids are unknown here
+    groups = column(config.safety_group_column)
+    return column(config.safety_text_column), labels, None if groups is None else [str(g) for g in groups]
+
+
+class SafetyMonitor:
+    """Keeps one :class:`SafetySuite` and the history of its runs over training."""
+
+    def __init__(self, config: SafetyConfig | None = None) -> None:
+        self.config = config or SafetyConfig()
+        self.suite = SafetySuite(self.config)
+        self.history: list[dict[str, Any]] = []
+        self.last_step: int | None = None
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        averager: WeightAverager | None,
+        step: int,
+        data: SafetyData,
+        include_raw: bool,
+    ) -> dict[str, float]:
+        """Run the suite on the averaged weights (swapped in unless they already are) and,
+        with ``include_raw`` or before any average exists, on the raw weights; return the
+        :func:`loggable` metrics as ``safety/<average|raw>/<metric>``. The history (and the
+        report) keeps every metric."""
+        texts, labels, groups = data
+        has_average = averager is not None and averager.has_average
+        swapped = has_average and averager.is_swapped_in  # type: ignore[union-attr]
+        runs = []
+        if (include_raw or not has_average) and not swapped:
+            runs.append(("raw", nullcontext()))
+        if has_average:
+            runs.append(("average", nullcontext() if swapped else averager.swapped_in()))  # type: ignore[union-attr]
+        self.last_step = step
+        logged: dict[str, float] = {}
+        for weights, context in runs:
+            with context:
+                result = self.suite.evaluate_model(model, tokenizer, texts, labels, groups)
+            self.history.append({"step": step, "weights": weights, "metrics": result.metrics, "notes": result.notes})
+            logged.update({f"safety/{weights}/{key}": value for key, value in loggable(result.metrics).items()})
+        return logged
+
+    def latest(self, weights: str) -> SafetyResult | None:
+        for entry in reversed(self.history):
+            if entry["weights"] == weights:
+                return SafetyResult(entry["metrics"], entry["notes"])
+        return None
+
+    # -- outputs -----------------------------------------------------------------------------
+
+    def write_report(self, directory: str) -> str:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, REPORT_FILE)
+        report = {"config": self.config.to_dict(), "history": [
+            {**entry, "metrics": {k: (v if math.isfinite(v) else None) for k, v in entry["metrics"].items()}}
+            for entry in self.history
+        ]}
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2, ensure_ascii=False)
+        return path
+
+    def plot(self, directory: str) -> str | None:
+        """One panel per headline metric: its value over training steps for raw and
+        averaged weights, with the bootstrap interval shaded. None without history."""
+        if not self.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        shown = [(key, title) for key, title in HEADLINE_METRICS if any(key in e["metrics"] for e in self.history)]
+        if not shown:
+            return None
+        columns = min(3, len(shown))
+        rows = math.ceil(len(shown) / columns)
+        figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+        for axis, (key, title) in zip(axes.flat, shown):
+            for weights, style in zip(WEIGHTS, ("-o", "--s")):
+                points = [(e["step"], e["metrics"]) for e in self.history if e["weights"] == weights and key in e["metrics"]]
+                if not points:
+                    continue
+                steps = [step for step, _ in points]
+                axis.plot(steps, [m[key] for _, m in points], style, label=weights, markersize=3)
+                low = [m.get(f"{key}_ci_low", math.nan) for _, m in points]
+                high = [m.get(f"{key}_ci_high", math.nan) for _, m in points]
+                axis.fill_between(steps, low, high, alpha=0.15)
+            axis.set_title(title, fontsize=9)
+            axis.set_xlabel("step", fontsize=8)
+            axis.tick_params(labelsize=7)
+            axis.legend(fontsize=7)
+        for axis in list(axes.flat)[len(shown):]:
+            axis.set_visible(False)
+        figure.tight_layout()
+        path = os.path.join(directory, PLOT_FILE)
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        return path
+
+    def card_section(self) -> str:
+        """A markdown table of the latest averaged (and raw) headline metrics with their
+        95% intervals, for the model card."""
+        latest = {weights: self.latest(weights) for weights in WEIGHTS}
+        columns = [w for w in WEIGHTS if latest[w] is not None]
+        if not columns:
+            return ""
+        level = round(100 * self.config.safety_confidence_level)
+        lines = [
+            "## Safety evaluation",
+            "",
+            f"Measured by hf_wavg's safety suite on the {' and '.join(columns)} weights at their last evaluation "
+            f"(bootstrap {level}% intervals in brackets; languages: {', '.join(self.config.languages)}).",
+            "",
+            "| metric | " + " | ".join(columns) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
+        for key, title in HEADLINE_METRICS:
+            cells = [_cell(latest[w].metrics, key) for w in columns]  # type: ignore[union-attr]
+            if any(cell != "n/a" for cell in cells):
+                lines.append(f"| {title} | " + " | ".join(cells) + " |")
+        notes = sorted({note for w in columns for note in latest[w].notes})  # type: ignore[union-attr]
+        if notes:
+            lines += ["", "Not measured: " + "; ".join(notes) + "."]
+        return "\n".join(lines) + "\n"
+
+
+def _cell(metrics: dict[str, float], key: str) -> str:
+    value = metrics.get(key)
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    low, high = metrics.get(f"{key}_ci_low", math.nan), metrics.get(f"{key}_ci_high", math.nan)
+    interval = f" [{low:.3f}, {high:.3f}]" if math.isfinite(low) and math.isfinite(high) else ""
+    return f"{value:.3f}{interval}"

@@ -1,0 +1,160 @@
+"""The safety suite inside training: WAvgTrainer logs it for raw and averaged weights and
+writes the report, plot and model-card table; the bare callback on a plain Trainer; the
+logit-pairing loss; the causal-LM likelihood gap."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainerCallback,
+)
+
+from hf_wavg import WAvgCallback, WAvgConfig
+from hf_wavg.demo.sample_data import LABEL_NAMES, sample_rows
+from hf_wavg.safety import SafetyConfig, SafetySuite
+from hf_wavg.safety.classifiers import sequence_log_likelihoods
+from hf_wavg.safety.monitor import PLOT_FILE, REPORT_FILE
+from tests.test_peft_and_albert import local_tokenizer
+from tests.trainer_helpers import make_trainer, raw_state
+
+pytestmark = pytest.mark.slow
+
+SMALL = dict(safety_languages=["en", "hi"], safety_max_template_sets=12, safety_max_examples=12,
+             safety_attack_examples=3, safety_query_budget=8, safety_n_resamples=50)
+
+
+def safety_texts() -> Dataset:
+    rows = sample_rows(per_language=8, seed=5)
+    rows[0] = {**rows[0], "text": "She said the hotel was wonderful."}
+    return Dataset.from_list([{"text": r["text"], "label": LABEL_NAMES.index(r["label"])} for r in rows])
+
+
+class LogRecorder(TrainerCallback):
+    def __init__(self) -> None:
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        self.logs.append(dict(logs or {}))
+
+
+def test_trainer_logs_safety_for_raw_and_average_and_writes_report_plot_and_card(tmp_path, minilm_path):
+    recorder = LogRecorder()
+    trainer = make_trainer(minilm_path, tmp_path / "run", WAvgConfig(evaluate_raw=True), callbacks=[recorder],
+                           eval_strategy="steps", eval_steps=4)
+    trainer.wavg_callback.__init__(trainer.wavg_config, safety_config=SafetyConfig(**SMALL),
+                                   safety_dataset=safety_texts(), tokenizer=trainer.processing_class)
+    trainer.wavg_callback.log_fn = trainer.log
+    trainer.safety_config = trainer.wavg_callback.safety_monitor.config
+    trainer.train()
+
+    safety_logs = [log for log in trainer.state.log_history if any(k.startswith("safety/") for k in log)]
+    assert [log["step"] for log in safety_logs] == [4, 8]
+    assert sum(any(k.startswith("safety/") for k in log) for log in recorder.logs) == 2  # reached the loggers
+    for log in safety_logs:
+        for weights in ("average", "raw"):
+            assert 0.0 <= log[f"safety/{weights}/counterfactual/flip_rate"] <= 1.0
+            assert f"safety/{weights}/calibration/ece_ci_high" in log
+            assert f"safety/{weights}/perturbation/accuracy" in log
+
+    before = raw_state(trainer.model)
+    metrics = trainer.evaluate()
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert "safety/average/counterfactual/flip_rate" in metrics
+
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert [(e["step"], e["weights"]) for e in report["history"]] == [
+        (4, "raw"), (4, "average"), (8, "raw"), (8, "average"), (8, "raw"), (8, "average")]
+    assert (out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Independent reference: the suite run directly on the reloaded averaged model.
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out)
+    texts = safety_texts()
+    direct = SafetySuite(SafetyConfig(**SMALL)).evaluate_model(
+        reloaded, AutoTokenizer.from_pretrained(minilm_path), texts["text"], texts["label"]).metrics
+    latest = report["history"][-1]["metrics"]
+    for key in ("counterfactual/flip_rate", "counterfactual/mean_abs_score_change", "calibration/ece",
+                "perturbation/accuracy", "adversarial/attack_success_rate"):
+        assert latest[key] == pytest.approx(direct[key], abs=1e-5), key
+
+    trainer.create_model_card()
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "## Safety evaluation" in card
+    assert f"| Counterfactual flip rate | {latest['counterfactual/flip_rate']:.3f}" in card
+
+
+def test_bare_callback_on_a_plain_trainer_adds_safety_to_evaluate(tmp_path, minilm_path):
+    callback = WAvgCallback(WAvgConfig(), safety_config=SafetyConfig(**SMALL), safety_dataset=safety_texts())
+    trainer = make_trainer(minilm_path, tmp_path / "run", trainer_cls=Trainer, callbacks=[callback], max_steps=4)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert "safety/average/counterfactual/flip_rate" in metrics
+    assert any("safety/average/calibration/ece" in log for log in trainer.state.log_history)
+    assert (tmp_path / "run" / REPORT_FILE).is_file()
+
+
+def test_logit_pairing_penalty_matches_a_hand_built_counterfactual(tmp_path, minilm_path):
+    trainer = make_trainer(minilm_path, tmp_path / "run", WAvgConfig())
+    trainer.safety_config = SafetyConfig(safety_languages=["en"], safety_logit_pairing_weight=0.5)
+    tokenizer = trainer.processing_class
+    model = AutoModelForSequenceClassification.from_pretrained(
+        minilm_path, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    texts = ["he loved this film", "the plot was dull", "she hated the ending"]
+    inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    inputs["labels"] = torch.tensor([1, 0, 0])
+    model.train()
+    loss = trainer.compute_loss(model, dict(inputs))
+
+    # English gender has two groups, so each swap is determined: he <-> she.
+    swapped = tokenizer(["she loved this film", "he hated the ending"], padding=True, truncation=True,
+                        max_length=inputs["input_ids"].shape[1], return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs)
+        expected = outputs.loss + 0.5 * (outputs.logits[[0, 2]] - model(**swapped).logits).abs().mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()  # the penalty is differentiable
+    trainer.safety_config = SafetyConfig(safety_languages=["en"])
+    with torch.no_grad():
+        assert trainer.compute_loss(model, dict(inputs)).item() == pytest.approx(outputs.loss.item(), rel=1e-5)
+
+
+def test_causal_lm_likelihood_gap_matches_the_model_loss(tmp_path):
+    corpus = [r["text"] for r in sample_rows(per_language=24, seed=3)]
+    tokenizer = local_tokenizer(corpus + ["my brother my sister this man this woman he she"])
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    result = SafetySuite(SafetyConfig(safety_languages=["en"], safety_families=["gender"],
+                                      safety_max_template_sets=100, safety_n_resamples=50)).evaluate_model(model, tokenizer)
+    key = "likelihood/gender/male_vs_female"
+    assert result.metrics[f"{key}/num_pairs"] == 24
+
+    # Reference: -loss * predicted tokens, with BOS prepended, one sentence at a time.
+    def log_likelihood(text: str) -> float:
+        ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]])
+        with torch.no_grad():
+            return -model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+
+    from hf_wavg.safety import load_lexicon, template_sets
+    sets = template_sets(load_lexicon("en"), ("gender",))
+    gaps = np.array([log_likelihood(s.variants["male"]) - log_likelihood(s.variants["female"]) for s in sets])
+    assert result.metrics[f"{key}/mean_gap"] == pytest.approx(gaps.mean(), abs=1e-4)
+    assert result.metrics[f"{key}/preference_rate"] == pytest.approx((gaps > 0).mean())
+    batched = sequence_log_likelihoods(model, tokenizer, [s.variants["male"] for s in sets], batch_size=5)
+    assert batched == pytest.approx([log_likelihood(s.variants["male"]) for s in sets], abs=1e-4)
+    random.seed(0)
