@@ -28,6 +28,8 @@ def _demo_parser(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--max-length", type=int, default=64, help="tokens per text (default: 64)")
     demo.add_argument("--max-train-samples", type=int, help="subsample the training set")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-safety", dest="safety", action="store_false",
+                      help="skip the safety suite (counterfactual fairness, robustness, calibration)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,3 +30,9 @@ def test_step_overhead_smoke(tmp_path, minilm_path):
     out = run("step_overhead.py", "--steps", "2", "--pairs", "1", "--output-dir", str(tmp_path))
     assert "| WAvgTrainer, EMA every step |" in out
     assert (tmp_path / "step_overhead-minilm-cpu.md").is_file()
+
+
+def test_safety_overhead_smoke(tmp_path, minilm_path):
+    out = run("safety_overhead.py", "--smoke", "--data", str(tmp_path / "absent.tsv"), "--output-dir", str(tmp_path))
+    assert "| demo sample" in out and "suite share" in out
+    assert (tmp_path / "safety_overhead-cpu.md").is_file()

@@ -127,10 +127,17 @@ def run_demo(settings: DemoSettings) -> dict[str, float]:
     started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - started
+    safety_seconds = _safety_seconds(trainer)
     metrics = trainer.evaluate(eval_sets)
+    metrics.update(train_seconds=train_seconds, safety_seconds_in_training=safety_seconds)
     trainer.save_model(str(output / "averaged_model"))
     print(format_report(metrics, list(eval_sets), train_seconds, output / "averaged_model", trainer))
     return metrics
+
+
+def _safety_seconds(trainer: WAvgTrainer) -> float:
+    monitor = trainer.safety_monitor
+    return sum(entry["metrics"].get("seconds", 0.0) for entry in monitor.history) if monitor else 0.0
 
 
 def format_report(metrics: dict[str, float], splits: list[str], seconds: float, saved: Path,
@@ -152,8 +159,7 @@ def format_report(metrics: dict[str, float], splits: list[str], seconds: float, 
                 lines.append(f"| {split:<6} | {metric:<9} | {raw:>8.4f} | {avg:>8.4f} |")
     monitor = trainer.safety_monitor
     if monitor is not None and monitor.history:
-        seconds_spent = sum(entry["metrics"].get("seconds", 0.0) for entry in monitor.history)
         lines += ["", monitor.card_section().strip(), "",
-                  f"safety suite: {len(monitor.history)} runs, {seconds_spent:.1f} s in all"]
+                  f"safety suite: {len(monitor.history)} runs, {_safety_seconds(trainer):.1f} s in all"]
     lines += ["", f"averaged model saved to {saved}"]
     return "\n".join(lines)
