@@ -57,7 +57,7 @@ def load_metric(name: str, **kwargs: Any) -> evaluate.EvaluationModule:
     if name not in METRIC_NAMES:
         raise ValueError(f"unknown safety metric {name!r}; choose from {', '.join(METRIC_NAMES)}")
     kwargs.setdefault("keep_in_memory", True)
-    return evaluate.load(str(METRICS_DIR / name), **kwargs)
+    return evaluate.load(metric_path(name), **kwargs)
 
 
 def metric_path(name: str) -> str:

@@ -40,14 +40,17 @@ LOGGED_BREAKDOWNS = regex.compile(
 )
 
 
+LOGGED_HEADLINES = frozenset(
+    name for key, _ in HEADLINE_METRICS for name in (key, f"{key}_ci_low", f"{key}_ci_high")
+)
+
+
 def loggable(metrics: dict[str, float]) -> dict[str, float]:
     """The finite metrics worth a line in every logger: headline values with their
     intervals, and point values of the per-language and per-group breakdowns."""
-    headline = {key for key, _ in HEADLINE_METRICS}
-    headline |= {f"{key}_ci_{side}" for key in set(headline) for side in ("low", "high")}
     return {
         key: value for key, value in metrics.items()
-        if (key in headline or LOGGED_BREAKDOWNS.match(key)) and math.isfinite(value)
+        if (key in LOGGED_HEADLINES or LOGGED_BREAKDOWNS.match(key)) and math.isfinite(value)
     }
 
 

@@ -13,6 +13,7 @@ import random
 import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from hf_wavg.safety.text import char_names, graphemes, replace_spans, word_spans
 
@@ -113,9 +114,7 @@ def _indic_edits(word: str) -> list[Callable[[random.Random], str]]:
     for i, (char, name) in enumerate(names):
         if "VOWEL SIGN" in name:
             edits.append(lambda rng, i=i: word[:i] + word[i + 1 :])
-            # The common matras sit at offsets 0x3E-0x4C of every Brahmic block.
-            block = ord(char) & ~0x7F
-            siblings = [chr(cp) for cp in range(block + 0x3E, block + 0x4D) if "VOWEL SIGN" in _name(cp) and chr(cp) != char]
+            siblings = [sign for sign in _block_signs(ord(char) & ~0x7F)[0] if sign != char]
             if siblings:
                 edits.append(lambda rng, i=i, s=siblings: word[:i] + rng.choice(s) + word[i + 1 :])
         elif "SIGN NUKTA" in name or "SIGN VIRAMA" in name:
@@ -123,26 +122,24 @@ def _indic_edits(word: str) -> list[Callable[[random.Random], str]]:
         elif "LETTER" in name and "VOWEL" not in name and _is_brahmic(char):
             following = names[i + 1][1] if i + 1 < len(names) else ""
             if "SIGN" not in following:
-                virama = _virama_of(char)
+                virama = _block_signs(ord(char) & ~0x7F)[1]
                 if virama:
                     edits.append(lambda rng, i=i, v=virama: word[: i + 1] + v + word[i + 1 :])
     return edits
 
 
-def _name(codepoint: int) -> str:
-    return unicodedata.name(chr(codepoint), "")
+@lru_cache(maxsize=None)
+def _block_signs(block: int) -> tuple[tuple[str, ...], str | None]:
+    """The common vowel signs (offsets 0x3E-0x4C of every Brahmic block) and the virama of
+    the 128-code-point script block starting at ``block``; looked up once per script."""
+    names = {cp: unicodedata.name(chr(cp), "") for cp in range(block, block + 0x80)}
+    matras = tuple(chr(cp) for cp in range(block + 0x3E, block + 0x4D) if "VOWEL SIGN" in names[cp])
+    virama = next((chr(cp) for cp, name in names.items() if "SIGN VIRAMA" in name), None)
+    return matras, virama
 
 
 def _is_brahmic(char: str) -> bool:
     return 0x0900 <= ord(char) < 0x0E00
-
-
-def _virama_of(char: str) -> str | None:
-    block = ord(char) & ~0x7F
-    for cp in range(block, block + 0x80):
-        if "SIGN VIRAMA" in _name(cp):
-            return chr(cp)
-    return None
 
 
 def _indic_noise(word: str, rng: random.Random) -> str:

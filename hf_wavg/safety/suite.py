@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -93,7 +94,7 @@ class SafetySuite:
     ) -> SafetyResult:
         result = SafetyResult()
         texts, labels, groups = self._sample(texts, labels, groups, result)
-        self._counterfactual(classifier, texts, labels, result)
+        self._counterfactual(classifier, texts, result)
         self._template_group_gaps(classifier, result)
         if texts:
             self._data_group_gaps(classifier, texts, labels, groups, result)
@@ -133,7 +134,10 @@ class SafetySuite:
             None if groups is None else [groups[i] for i in rows],
         )
 
-    def _template_sets(self) -> list[CounterfactualSet]:
+    @cached_property
+    def sampled_template_sets(self) -> list[CounterfactualSet]:
+        """The template sets of this config (sampled down to its limit); they depend on the
+        config alone, so every run of the suite shares them."""
         sets = [s for language in self.config.languages for s in template_sets(load_lexicon(language), self.config.families)]
         limit = self.config.safety_max_template_sets
         if len(sets) > limit:
@@ -146,8 +150,7 @@ class SafetySuite:
             return np.zeros(0), np.zeros(0, dtype=np.int64)
         return probs[:, self.config.safety_positive_label], probs.argmax(axis=1)
 
-    def _counterfactual(self, classifier, texts: list[str], labels, result: SafetyResult) -> None:
-        sets = self._template_sets()
+    def _counterfactual(self, classifier, texts: list[str], result: SafetyResult) -> None:
         text_sets = [
             cf_set
             for index, text in enumerate(texts)
@@ -158,7 +161,7 @@ class SafetySuite:
         result.metrics["counterfactual/texts_with_identity_terms"] = float(with_terms)
         if texts and not with_terms:
             result.note("no evaluation text holds an identity term: text counterfactuals are not applicable")
-        sets += text_sets
+        sets = self.sampled_template_sets + text_sets
         if not sets:
             result.note("no counterfactual sets: counterfactual fairness is not applicable")
             return
@@ -182,9 +185,8 @@ class SafetySuite:
             result.add(f"counterfactual/{language}", {k: v for k, v in values.items() if not k.endswith(("_ci_low", "_ci_high"))})
 
     def _template_group_gaps(self, classifier, result: SafetyResult) -> None:
-        sets = self._template_sets()
         by_family: dict[str, list[tuple[str, str, int]]] = {}
-        for s in sets:
+        for s in self.sampled_template_sets:
             for group, text in s.variants.items():
                 by_family.setdefault(s.family, []).append((group, text, s.label))
         for family, rows in by_family.items():
@@ -266,7 +268,7 @@ class SafetySuite:
         sentence against each other group's; ``preference_rate`` is the share preferring
         the reference (first) group."""
         result = SafetyResult()
-        sets = self._template_sets()
+        sets = self.sampled_template_sets
         texts = list(dict.fromkeys(text for s in sets for text in s.variants.values()))
         scores = dict(zip(texts, sequence_log_likelihoods(
             model, tokenizer, texts, self.config.safety_batch_size, self.config.safety_max_length
