@@ -7,6 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from hf_wavg.config import METHODS
+from hf_wavg.posthoc.checkpoints import CheckpointError
+from hf_wavg.posthoc.commands import add_commands as add_posthoc_commands
+from hf_wavg.posthoc.commands import run as run_posthoc_command
+from hf_wavg.posthoc.memory import use_fixed_mmap_threshold
 
 
 def _demo_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-wavg", description="Weight averaging for the Hugging Face Trainer.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _demo_parser(subparsers)
+    add_posthoc_commands(subparsers)
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -43,7 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         options = {k: v for k, v in vars(args).items() if k != "command"}
         run_demo(DemoSettings(**options))
-    return 0
+        return 0
+    use_fixed_mmap_threshold()  # a process of its own: bounded memory while streaming checkpoints
+    try:
+        return run_posthoc_command(args)
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, KeyError) as error:
+        # Bad input: the reason, without a traceback.
+        print(f"hf-wavg {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
+from hf_wavg.safety.monitor import HEADLINE_METRICS
+
+AVERAGING_FILE = "wavg_averaging.json"  # WAvgTrainer.averaging_summary() beside the saved weights
 _SETTING_ORDER = ("method", "decay", "schedule", "power", "gamma", "k", "num_updates", "num_skipped_non_finite",
                   "last_update_step", "num_tensors", "num_elements")
 
@@ -43,3 +48,62 @@ def averaging_card_section(summary: dict[str, Any]) -> str:
     if rows:
         lines += ["", "Last evaluation:", "", "| metric | averaged weights | raw weights |", "|---|---|---|", *rows]
     return "\n".join(lines) + "\n"
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
+
+
+def soup_trials_table(record: dict[str, Any]) -> str:
+    """``| checkpoint | own score | soup score with it | kept |`` for a greedy soup's record."""
+    metric = record["metric"]
+    lines = [f"| checkpoint | own {metric} | soup {metric} with it | kept |", "|---|---|---|---|"]
+    for trial in record["trials"]:
+        own = record["individual"][trial["checkpoint"]][metric]
+        lines.append(f"| {Path(trial['checkpoint']).name} | {_number(own)} | {_number(trial['score'])} | "
+                     f"{'yes' if trial['kept'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def wise_ft_table(record: dict[str, Any]) -> str:
+    """One row per alpha: the task metrics and the safety headline metrics measured there."""
+    rows = record["rows"]
+    keys = [k for k in rows[0] if k != "alpha" and "/" not in k]
+    keys += [f"safety/{k}" for k, _ in HEADLINE_METRICS if any(f"safety/{k}" in row for row in rows)]
+    lines = ["| alpha | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join([f"{row['alpha']:g}", *(_number(row.get(k)) for k in keys)]) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def merge_card_section(record: dict[str, Any]) -> str:
+    """How post-hoc averaged weights (``wavg_merge.json``) were made."""
+    sources = record["checkpoints"]
+    what = "LoRA adapters (factor by factor)" if record.get("kind") == "adapter" else "checkpoints"
+    lines = ["## Checkpoint averaging (hf_wavg)", ""]
+    if record.get("soup") == "greedy":
+        lines += [
+            f"These weights are a greedy soup: the uniform average of {len(sources)} of {len(record['trials'])} saved "
+            f"{what}, added in order of their own {record['metric']} while the soup's {record['metric']} did not "
+            f"drop (final: {_number(record['score'])}).",
+            "", soup_trials_table(record), "",
+        ]
+    else:
+        lines += [f"These weights are the {record['method']} average of {len(sources)} saved {what}.", ""]
+    lines += ["| checkpoint | training step | weight |", "|---|---|---|"]
+    lines += [f"| {Path(s['path']).name} | {s['step'] if s['step'] is not None else 'n/a'} | {s['weight']:.4f} |"
+              for s in sources]
+    return "\n".join(lines) + "\n"
+
+
+def wise_ft_card_section(record: dict[str, Any]) -> str:
+    """The WiSE-FT sweep (``wavg_wise_ft.json``) and the alpha these weights use."""
+    chosen = record.get("selected_alpha")
+    choice = (f"These weights use alpha = {chosen:g}, the best {record['selected_by']} of the sweep."
+              if chosen is not None else "These weights are the fine-tuned end (alpha = 1).")
+    return "\n".join([
+        "## WiSE-FT interpolation (hf_wavg)", "",
+        "W(alpha) = (1 - alpha) * W_pretrained + alpha * W_finetuned over the "
+        f"{record['num_interpolated']} tensors with a pre-trained counterpart (kept fine-tuned: "
+        f"{', '.join(record['kept_finetuned']) or 'none'}). {choice}", "",
+        wise_ft_table(record),
+    ]) + "\n"

@@ -18,12 +18,10 @@ from hf_wavg.averager import WeightAverager
 from hf_wavg.batchnorm import recomputed_batchnorm
 from hf_wavg.callback import WAvgCallback
 from hf_wavg.config import WAvgConfig
-from hf_wavg.model_card import averaging_card_section
+from hf_wavg.model_card import AVERAGING_FILE, averaging_card_section
 from hf_wavg.safety.config import SafetyConfig
 from hf_wavg.safety.logit_pairing import logit_pairing_penalty
 from hf_wavg.safety.monitor import PLOT_FILE, SafetyMonitor
-
-AVERAGING_FILE = "wavg_averaging.json"
 
 
 class WAvgTrainer(Trainer):

@@ -6,7 +6,6 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AlbertConfig,
     AlbertForSequenceClassification,
@@ -14,26 +13,14 @@ from transformers import (
     DataCollatorWithPadding,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
 )
 
 from hf_wavg import WAvgConfig, WAvgTrainer
 from hf_wavg.demo.sample_data import sample_rows
 from tests.reference import assert_close_to_reference, ema_reference
-from tests.trainer_helpers import SnapshotRecorder, averaged_named, labelled_dataset, training_args
+from tests.trainer_helpers import SnapshotRecorder, averaged_named, labelled_dataset, local_tokenizer, training_args
 
 pytestmark = pytest.mark.slow
-
-
-def local_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    """A small unigram tokenizer trained here (no Hub): English and Devanagari."""
-    tokenizer = Tokenizer(models.Unigram())
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
-                                      unk_token="<unk>")
-    tokenizer.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,12 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
+    PreTrainedTokenizerFast,
     TrainerCallback,
     TrainingArguments,
 )
@@ -93,3 +95,14 @@ def averaged_named(averager: WeightAverager) -> dict[str, torch.Tensor]:
 
 def raw_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def local_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """A small unigram tokenizer trained here (no Hub): English and Devanagari."""
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
+                                      unk_token="<unk>")
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")

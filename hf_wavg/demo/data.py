@@ -43,6 +43,15 @@ def _load(source: str) -> DatasetDict:
     return load_dataset(source)
 
 
+def load_split(source: str, split: str = "validation"):
+    """One split of a Hub dataset, or every row of a local file."""
+    splits = _load(source)
+    name = "train" if Path(source).exists() else split
+    if name not in splits:
+        raise ValueError(f"{source} has no {name!r} split; its splits are {list(splits)}")
+    return splits[name]
+
+
 def load_text_classification(
     source: str,
     text_column: str | None = None,

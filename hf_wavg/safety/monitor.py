@@ -7,6 +7,7 @@ import json
 import math
 import os
 from contextlib import nullcontext
+from collections.abc import Sequence
 from typing import Any
 
 import regex
@@ -14,6 +15,7 @@ from torch import nn
 
 from hf_wavg.averager import WeightAverager
 from hf_wavg.safety.config import SafetyConfig
+from hf_wavg.safety.lexicons import available_languages
 from hf_wavg.safety.suite import SafetyResult, SafetySuite
 
 REPORT_FILE = "safety_report.json"
@@ -117,10 +119,8 @@ class SafetyMonitor:
         return logged
 
     def latest(self, weights: str) -> SafetyResult | None:
-        for entry in reversed(self.history):
-            if entry["weights"] == weights:
-                return SafetyResult(entry["metrics"], entry["notes"])
-        return None
+        entry = _latest_entry(self.history, weights)
+        return None if entry is None else SafetyResult(entry["metrics"], entry["notes"])
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -176,34 +176,56 @@ class SafetyMonitor:
     def card_section(self) -> str:
         """A markdown table of the latest averaged (and raw) headline metrics with their
         95% intervals, for the model card."""
-        latest = {weights: self.latest(weights) for weights in WEIGHTS}
-        columns = [w for w in WEIGHTS if latest[w] is not None]
-        if not columns:
-            return ""
-        level = round(100 * self.config.safety_confidence_level)
-        lines = [
-            "## Safety evaluation",
-            "",
-            f"Measured by hf_wavg's safety suite on the {' and '.join(columns)} weights at their last evaluation "
-            f"(bootstrap {level}% intervals in brackets; languages: {', '.join(self.config.languages)}).",
-            "",
-            "| metric | " + " | ".join(columns) + " |",
-            "|---|" + "---|" * len(columns),
-        ]
-        for key, title in HEADLINE_METRICS:
-            cells = [_cell(latest[w].metrics, key) for w in columns]  # type: ignore[union-attr]
-            if any(cell != "n/a" for cell in cells):
-                lines.append(f"| {title} | " + " | ".join(cells) + " |")
-        notes = sorted({note for w in columns for note in latest[w].notes})  # type: ignore[union-attr]
-        if notes:
-            lines += ["", "Not measured: " + "; ".join(notes) + "."]
-        return "\n".join(lines) + "\n"
+        return safety_card_section(self.history, self.config.safety_confidence_level, self.config.languages)
 
 
-def _cell(metrics: dict[str, float], key: str) -> str:
+def safety_card_section(history: list[dict[str, Any]], confidence_level: float, languages: Sequence[str]) -> str:
+    """The model card's safety table from a monitor's history (or a saved report's):
+    the last averaged and raw headline metrics with their bootstrap intervals."""
+    latest = {weights: _latest_entry(history, weights) for weights in WEIGHTS}
+    columns = [w for w in WEIGHTS if latest[w] is not None]
+    if not columns:
+        return ""
+    level = round(100 * confidence_level)
+    lines = [
+        "## Safety evaluation",
+        "",
+        f"Measured by hf_wavg's safety suite on the {' and '.join(columns)} weights at their last evaluation "
+        f"(bootstrap {level}% intervals in brackets; languages: {', '.join(languages)}).",
+        "",
+        "| metric | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for key, title in HEADLINE_METRICS:
+        cells = [_cell(latest[w]["metrics"], key) for w in columns]  # type: ignore[index]
+        if any(cell != "n/a" for cell in cells):
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    notes = sorted({note for w in columns for note in latest[w]["notes"]})  # type: ignore[index]
+    if notes:
+        lines += ["", "Not measured: " + "; ".join(notes) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def report_card_section(report: dict[str, Any]) -> str:
+    """:func:`safety_card_section` of a ``safety_report.json`` written by :meth:`SafetyMonitor.write_report`."""
+    config = report.get("config", {})
+    languages = config.get("safety_languages") or available_languages()
+    return safety_card_section(report.get("history", []), config.get("safety_confidence_level", 0.95), languages)
+
+
+def _latest_entry(history: list[dict[str, Any]], weights: str) -> dict[str, Any] | None:
+    return next((entry for entry in reversed(history) if entry["weights"] == weights), None)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _cell(metrics: dict[str, float | None], key: str) -> str:
+    """``value [low, high]``; a saved report stores non-finite values as null."""
     value = metrics.get(key)
-    if value is None or not math.isfinite(value):
+    if not _finite(value):
         return "n/a"
-    low, high = metrics.get(f"{key}_ci_low", math.nan), metrics.get(f"{key}_ci_high", math.nan)
-    interval = f" [{low:.3f}, {high:.3f}]" if math.isfinite(low) and math.isfinite(high) else ""
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    interval = f" [{low:.3f}, {high:.3f}]" if _finite(low) and _finite(high) else ""
     return f"{value:.3f}{interval}"

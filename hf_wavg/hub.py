@@ -1,0 +1,110 @@
+"""Publish a folder of averaged weights to the Hugging Face Hub with a model card that says
+how they were averaged and what the safety suite measured.
+
+The card is built from the records hf_wavg leaves next to the weights:
+``wavg_averaging.json`` (WAvgTrainer), ``wavg_merge.json`` (checkpoint averages and soups),
+``wavg_wise_ft.json`` (WiSE-FT), ``safety_report.json`` and ``safety_metrics.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+from hf_wavg.model_card import AVERAGING_FILE, averaging_card_section, merge_card_section, wise_ft_card_section
+from hf_wavg.posthoc.checkpoints import CheckpointReader, is_training_state
+from hf_wavg.posthoc.merge import MERGE_FILE
+from hf_wavg.posthoc.wise_ft import WISE_FT_FILE
+from hf_wavg.safety.monitor import PLOT_FILE, REPORT_FILE, report_card_section
+
+logger = logging.getLogger(__name__)
+
+CARD_MARKER = "(hf_wavg)"  # every averaging section's heading ends with it
+# Never uploaded: checkpoints, logs, temporary files and optimizer state.
+IGNORE_PATTERNS = ["checkpoint-*", "_*", ".*", "runs/*", "*.tmp", "optimizer.*", "scheduler.pt", "scaler.pt",
+                   "rng_state*", "trainer_state.json", "training_args.bin", "wavg_state.*"]
+_SECTIONS = ((AVERAGING_FILE, averaging_card_section), (MERGE_FILE, merge_card_section),
+             (WISE_FT_FILE, wise_ft_card_section), (REPORT_FILE, report_card_section))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def card_sections(directory: str | os.PathLike[str]) -> str:
+    """The hf_wavg sections of the card for the records found in ``directory`` ('' if none)."""
+    directory = Path(directory)
+    parts = [make(_read_json(directory / name)) for name, make in _SECTIONS if (directory / name).is_file()]
+    if (directory / PLOT_FILE).is_file():
+        parts.append(f"![Safety metrics over training]({PLOT_FILE})\n")
+    return "\n".join(part for part in parts if part)
+
+
+def has_averaging_record(directory: str | os.PathLike[str]) -> bool:
+    return any((Path(directory) / name).is_file() for name in (AVERAGING_FILE, MERGE_FILE, WISE_FT_FILE))
+
+
+def write_model_card(directory: str | os.PathLike[str], repo_id: str | None = None) -> Path:
+    """Make sure ``directory/README.md`` carries the hf_wavg sections: a card that already has
+    them is left alone, another card gets them appended, and a missing one is created."""
+    directory = Path(directory)
+    path = directory / "README.md"
+    existing = path.read_text(encoding="utf-8") if path.is_file() else None
+    if existing is not None and CARD_MARKER in existing:
+        return path
+    sections = card_sections(directory)
+    if existing is not None:
+        path.write_text(existing.rstrip("\n") + "\n\n" + sections, encoding="utf-8")
+        return path
+    reader = CheckpointReader(directory)
+    data = ModelCardData(library_name="peft" if reader.kind == "adapter" else "transformers",
+                         tags=["hf-wavg", "weight-averaging"])
+    base = reader.config.get("base_model_name_or_path") if reader.kind == "adapter" else None
+    if base and not Path(base).exists():  # a Hub id, not a local folder
+        data.base_model = base
+    title = repo_id.split("/")[-1] if repo_id else directory.resolve().name
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n{sections}")
+    card.save(path)
+    return path
+
+
+def push_to_hub(
+    directory: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload averaged weights (hf_wavg)",
+    create_pr: bool = False,
+    allow_unaveraged: bool = False,
+) -> Any:
+    """Upload ``directory`` (weights, config, tokenizer, records, plots and the card written
+    by :func:`write_model_card`) to the model repo ``repo_id``, created if missing.
+
+    A folder without an hf_wavg record (a raw training checkpoint, say) is refused unless
+    ``allow_unaveraged``, so that raw weights are not published as an average by mistake.
+    The token goes to huggingface_hub only; it is never printed or logged.
+    """
+    directory = Path(directory)
+    reader = CheckpointReader(directory)  # fails early, with the reason, on a folder without weights
+    if not has_averaging_record(directory) and not allow_unaveraged:
+        kind = "a training checkpoint" if any(is_training_state(p.name) for p in directory.iterdir()) else "a folder"
+        raise ValueError(
+            f"{directory} is {kind} without an hf_wavg record ({AVERAGING_FILE}, {MERGE_FILE} or {WISE_FT_FILE}): "
+            "its weights are not an average. Push WAvgTrainer's output folder or the output of `hf-wavg average`, "
+            "or pass allow_unaveraged=True (--allow-unaveraged)."
+        )
+    write_model_card(directory, repo_id)
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    logger.info("hf_wavg: uploading %s (%s weights) to %s", directory, reader.kind, repo.repo_id)
+    return api.upload_folder(
+        repo_id=repo.repo_id, folder_path=directory, commit_message=commit_message, revision=revision,
+        create_pr=create_pr, ignore_patterns=IGNORE_PATTERNS,
+    )

@@ -1,0 +1,233 @@
+"""Average saved checkpoints, streaming: W = sum_i w_i W_i / sum_i w_i, one slice of one
+tensor at a time, accumulated in float64 and cast back to the checkpoint's dtype.
+
+Peak memory is the output being written (one checkpoint, or one shard of a sharded one)
+plus a few slices of at most ``CHUNK_ELEMENTS`` elements, whatever the number of inputs.
+(glibc may keep freed slices resident on top of that; ``hf-wavg average`` turns this off,
+see :mod:`hf_wavg.posthoc.memory`.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hf_wavg.posthoc.output import prepare_output_dir, staged_dir
+from hf_wavg.posthoc.checkpoints import (
+    CheckpointError,
+    CheckpointReader,
+    is_training_state,
+    weight_file_names,
+)
+
+logger = logging.getLogger(__name__)
+
+CHUNK_ELEMENTS = 1 << 20  # 1Mi elements: an 8 MiB float64 accumulator per slice
+MERGE_FILE = "wavg_merge.json"
+# Adapter settings that must agree for factor-wise averaging to be defined.
+_ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern",
+                 "alpha_pattern", "modules_to_save", "base_model_name_or_path")
+_MODEL_KEYS = ("model_type", "architectures")
+
+Checkpoint = str | os.PathLike[str] | CheckpointReader
+
+
+def open_checkpoints(checkpoints: Sequence[Checkpoint]) -> list[CheckpointReader]:
+    """Readers for ``checkpoints``, checked to hold the same tensors with the same shapes."""
+    if not checkpoints:
+        raise CheckpointError("no checkpoints given")
+    readers = [c if isinstance(c, CheckpointReader) else CheckpointReader(c) for c in checkpoints]
+    check_compatible(readers)
+    return readers
+
+
+def check_compatible(readers: Sequence[CheckpointReader]) -> None:
+    reference = readers[0]
+    for reader in readers[1:]:
+        if reader.kind != reference.kind:
+            raise CheckpointError(f"{reader.path} is a {reader.kind} but {reference.path} is a {reference.kind}")
+        keys = _ADAPTER_KEYS if reference.kind == "adapter" else _MODEL_KEYS
+        for key in keys if reader.config and reference.config else ():
+            if reader.config.get(key) != reference.config.get(key):
+                raise CheckpointError(
+                    f"{reader.path} has {key}={reader.config.get(key)!r} but {reference.path} has "
+                    f"{reference.config.get(key)!r}: these checkpoints cannot be averaged"
+                )
+        for name, info in reference.tensors.items():
+            other = reader.tensors.get(name)
+            if other is None:
+                raise CheckpointError(f"tensor {name!r} of {reference.path} is missing from {reader.path}")
+            if other.shape != info.shape:
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {list(other.shape)} in {reader.path} but {list(info.shape)} in "
+                    f"{reference.path}: different architectures"
+                )
+        extra = [name for name in reader.tensors if name not in reference.tensors]
+        if extra:
+            raise CheckpointError(f"tensor {extra[0]!r} of {reader.path} is missing from {reference.path}")
+
+
+def checked_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """``weights`` (default: all 1) checked to be finite, one per checkpoint, with a positive sum.
+    Single weights may be negative (extrapolation), their sum may not."""
+    if weights is None:
+        return [1.0] * count
+    weights = [float(w) for w in weights]
+    if len(weights) != count:
+        raise ValueError(f"got {len(weights)} weights for {count} checkpoints")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be finite; got {weights}")
+    if math.fsum(weights) <= 0:
+        raise ValueError(f"weights must have a positive sum; got {weights} (sum {math.fsum(weights)})")
+    return weights
+
+
+def _row_chunks(shape: tuple[int, ...]) -> list[tuple[int | None, int | None]]:
+    if len(shape) == 0 or shape[0] == 0:
+        return [(None, None)]
+    row = max(1, math.prod(shape[1:]))
+    step = max(1, CHUNK_ELEMENTS // row)
+    return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+
+
+class Workspace:
+    """One float64 accumulator reused for every slice instead of one allocated per slice."""
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0, dtype=torch.float64)
+
+    def take(self, shape: torch.Size) -> Tensor:
+        if shape.numel() > self._buffer.numel():
+            self._buffer = torch.empty(max(shape.numel(), CHUNK_ELEMENTS), dtype=torch.float64)
+        return self._buffer[: shape.numel()].view(shape)
+
+
+@torch.no_grad()
+def average_tensor_into(
+    out: Tensor, readers: Sequence[CheckpointReader], name: str, weights: Sequence[float],
+    workspace: Workspace | None = None,
+) -> None:
+    """Write the weighted mean of tensor ``name`` over ``readers`` into ``out``, slice by slice.
+    Non-float tensors (token ids, counters) are copied, and must agree across checkpoints."""
+    workspace = workspace or Workspace()
+    dtype = readers[0].tensors[name].dtype
+    if not dtype.is_floating_point:
+        value = readers[0].read(name)
+        for reader in readers[1:]:
+            if not torch.equal(reader.read(name), value):
+                raise CheckpointError(f"non-float tensor {name!r} differs between {readers[0].path} and {reader.path}")
+        out.copy_(value)
+        return
+    total = math.fsum(weights)
+    for start, stop in _row_chunks(readers[0].tensors[name].shape):
+        accumulator: Tensor | None = None
+        for reader, weight in zip(readers, weights):
+            part = reader.read(name, start, stop)
+            if accumulator is None:
+                accumulator = workspace.take(part.shape).copy_(part).mul_(weight)
+            else:
+                accumulator.add_(part, alpha=weight)  # promoted to float64 element by element, no copy
+        target = out if start is None else out[start:stop]
+        target.copy_(accumulator.div_(total))  # type: ignore[union-attr]
+
+
+def _output_name(file: Path) -> str:
+    """Output weights are always safetensors: ``pytorch_model-0001.bin`` -> ``model-0001.safetensors``."""
+    if file.suffix == ".safetensors":
+        return file.name
+    return file.name.replace("pytorch_model", "model").removesuffix(".bin") + ".safetensors"
+
+
+def _copy_side_files(source: CheckpointReader, target: Path) -> None:
+    """Config, tokenizer and the like; not weights, not training state, not sub-folders."""
+    skip = weight_file_names(source)
+    for path in sorted(source.path.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.name not in skip \
+                and not is_training_state(path.name) and path.name != MERGE_FILE:
+            shutil.copy2(path, target / path.name)
+
+
+def _training_step(reader: CheckpointReader) -> int | None:
+    state = reader.path / "trainer_state.json"
+    if not state.is_file():
+        return None
+    return json.loads(state.read_text(encoding="utf-8")).get("global_step")
+
+
+def describe_sources(readers: Sequence[CheckpointReader], weights: Sequence[float]) -> list[dict[str, Any]]:
+    total = math.fsum(weights)
+    return [
+        {"path": str(reader.path), "step": _training_step(reader), "weight": weight / total}
+        for reader, weight in zip(readers, weights)
+    ]
+
+
+def average_checkpoints(
+    checkpoints: Sequence[Checkpoint],
+    output_dir: str | os.PathLike[str],
+    weights: Sequence[float] | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    description: dict[str, Any] | None = None,
+) -> Path:
+    """Average Trainer checkpoint folders (full models or PEFT adapters) into ``output_dir``.
+
+    The output has the layout of the first checkpoint (sharded if it is sharded) in
+    safetensors, its config and tokenizer files, and ``wavg_merge.json`` saying which
+    checkpoints were averaged with which weights (``description`` adds to it). It loads with
+    ``from_pretrained`` (``PeftModel.from_pretrained`` for adapters).
+
+    Adapters are averaged factor by factor: avg(B)·avg(A), which approximates the average
+    of the updates B·A well only when the runs share their A initialisation and stay close.
+    """
+    readers = open_checkpoints(checkpoints)
+    weights = checked_weights(weights, len(readers))
+    output = prepare_output_dir(output_dir, overwrite, [reader.path for reader in readers])
+    reference = readers[0]
+    if reference.kind == "adapter" and len(readers) > 1:
+        logger.info("hf_wavg: averaging LoRA factors separately gives avg(B)avg(A), an approximation of avg(BA)")
+
+    with staged_dir(output) as staging:
+        weight_map: dict[str, str] = {}
+        names_by_file: dict[Path, list[str]] = {}
+        for name, info in reference.tensors.items():
+            names_by_file.setdefault(info.file, []).append(name)
+        workspace = Workspace()
+        with tqdm(total=len(reference.tensors), desc="averaging tensors", unit="tensor", disable=not progress) as bar:
+            for file, names in names_by_file.items():
+                shard: dict[str, Tensor] = {}
+                for name in names:
+                    info = reference.tensors[name]
+                    shard[name] = torch.empty(info.shape, dtype=info.dtype)
+                    average_tensor_into(shard[name], readers, name, weights, workspace)
+                    bar.update()
+                save_file(shard, staging / _output_name(file), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(names, _output_name(file)))
+                del shard
+        if len(names_by_file) > 1:
+            total_size = sum(info.nbytes for info in reference.tensors.values())
+            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+        _copy_side_files(reference, staging)
+        record = {
+            "method": "weighted" if len(set(weights)) > 1 else "uniform",
+            "kind": reference.kind,
+            "checkpoints": describe_sources(readers, weights),
+            "num_tensors": len(reference.tensors),
+            "num_elements": sum(info.numel for info in reference.tensors.values()),
+            **(description or {}),
+        }
+        (staging / MERGE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return output
