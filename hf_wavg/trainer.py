@@ -164,7 +164,9 @@ class WAvgTrainer(Trainer):
             summary["averager"] = self.averager.describe()
         evaluations = [log for log in self.state.log_history if any(k.startswith("eval_") for k in log)]
         if evaluations:
-            summary["last_evaluation"] = evaluations[-1]
+            # Raw and averaged metrics of one evaluation are logged as separate entries.
+            step = evaluations[-1].get("step")
+            summary["last_evaluation"] = {k: v for log in evaluations if log.get("step") == step for k, v in log.items()}
         return summary
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:

@@ -23,3 +23,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real benchmark data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def checkpoints(minilm_path, tmp_path_factory) -> list[Path]:
+    """Three checkpoints (steps 2, 4, 6) of one plain Trainer fine-tune of MiniLM."""
+    from transformers import Trainer
+
+    from tests.trainer_helpers import make_trainer
+
+    out = tmp_path_factory.mktemp("run")
+    make_trainer(minilm_path, out, trainer_cls=Trainer, max_steps=6, save_strategy="steps", save_steps=2).train()
+    return [out / f"checkpoint-{step}" for step in (2, 4, 6)]

@@ -15,22 +15,14 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import hf_wavg.posthoc.merge as merge_module
 from hf_wavg.posthoc import CheckpointError, average_checkpoints, load_average_into
 from hf_wavg.posthoc.merge import MERGE_FILE
-from tests.trainer_helpers import local_tokenizer, make_trainer
+from tests.trainer_helpers import local_tokenizer
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def checkpoints(minilm_path, tmp_path_factory) -> list[Path]:
-    """Three checkpoints (steps 2, 4, 6) of one plain Trainer fine-tune of MiniLM."""
-    out = tmp_path_factory.mktemp("run")
-    make_trainer(minilm_path, out, trainer_cls=Trainer, max_steps=6, save_strategy="steps", save_steps=2).train()
-    return [out / f"checkpoint-{step}" for step in (2, 4, 6)]
 
 
 def numpy_mean(states: list[dict[str, torch.Tensor]], weights: list[float] | None = None) -> dict[str, torch.Tensor]:

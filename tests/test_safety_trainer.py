@@ -26,8 +26,7 @@ from hf_wavg.demo.sample_data import LABEL_NAMES, sample_rows
 from hf_wavg.safety import SafetyConfig, SafetySuite
 from hf_wavg.safety.classifiers import sequence_log_likelihoods
 from hf_wavg.safety.monitor import PLOT_FILE, REPORT_FILE
-from tests.test_peft_and_albert import local_tokenizer
-from tests.trainer_helpers import make_trainer, raw_state
+from tests.trainer_helpers import local_tokenizer, make_trainer, raw_state
 
 pytestmark = pytest.mark.slow
 

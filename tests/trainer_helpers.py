@@ -64,6 +64,9 @@ def make_trainer(model_path: str, output_dir: Path, config: WAvgConfig | None = 
     callbacks = overrides.pop("callbacks", None)
     compute_metrics = overrides.pop("compute_metrics", None)
     kwargs: dict[str, Any] = {"wavg_config": config} if trainer_cls is WAvgTrainer else {}
+    for name in ("safety_config", "safety_dataset"):
+        if name in overrides:
+            kwargs[name] = overrides.pop(name)
     return trainer_cls(
         model=seeded_classifier(model_path),
         args=training_args(output_dir, **overrides),
