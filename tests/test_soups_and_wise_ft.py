@@ -218,3 +218,33 @@ def test_cli_soup_and_wise_ft(checkpoints, validation, minilm_path, tmp_path, ca
     assert "--greedy needs --dataset" in capsys.readouterr().err
     assert main(["average", *folders, "--out", str(tmp_path / "greedy")]) == 2
     assert "overwrite" in capsys.readouterr().err
+
+
+METRIC_SCRIPT = '''
+import datasets
+import evaluate
+
+
+class MatchRate(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="share of predictions equal to the reference", citation="", inputs_description="",
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+        )
+
+    def _compute(self, predictions, references):
+        return {"match_rate": sum(p == r for p, r in zip(predictions, references)) / len(references)}
+'''
+
+
+def test_evaluator_runs_an_evaluate_module_loaded_by_path(checkpoints, validation, tmp_path):
+    script = tmp_path / "match_rate" / "match_rate.py"
+    script.parent.mkdir()
+    script.write_text(METRIC_SCRIPT, encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints[0])
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoints[2])
+    by_path = ModelEvaluator(*validation, tokenizer, metric=str(script))(model)
+    default = ModelEvaluator(*validation, tokenizer)(model)
+    assert by_path == {"match_rate": pytest.approx(default["accuracy"])}
+    with pytest.raises(ValueError, match="Offline, pass the path"):
+        ModelEvaluator(*validation, tokenizer, metric="no-such-metric-anywhere")
