@@ -36,3 +36,10 @@ def test_safety_overhead_smoke(tmp_path, minilm_path):
     out = run("safety_overhead.py", "--smoke", "--data", str(tmp_path / "absent.tsv"), "--output-dir", str(tmp_path))
     assert "| demo sample" in out and "suite share" in out
     assert (tmp_path / "safety_overhead-cpu.md").is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+def test_posthoc_average_smoke(tmp_path):
+    out = run("posthoc_average.py", "--mib", "4", "--checkpoints", "2", "--output-dir", str(tmp_path))
+    assert "| hf-wavg average (CLI) |" in out and "| load all, torch.stack().mean(0) |" in out
+    assert (tmp_path / "posthoc_average-4mib.json").is_file()
