@@ -18,8 +18,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from hf_wavg.model_card import AVERAGING_FILE, averaging_card_section, merge_card_section, wise_ft_card_section
 from hf_wavg.posthoc.checkpoints import CheckpointReader, is_training_state
-from hf_wavg.posthoc.merge import MERGE_FILE
-from hf_wavg.posthoc.wise_ft import WISE_FT_FILE
+from hf_wavg.posthoc.constants import MERGE_FILE, WISE_FT_FILE
 from hf_wavg.safety.monitor import PLOT_FILE, REPORT_FILE, report_card_section
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Llam
 
 import hf_wavg.posthoc.merge as merge_module
 from hf_wavg.posthoc import CheckpointError, average_checkpoints, load_average_into
-from hf_wavg.posthoc.merge import MERGE_FILE
+from hf_wavg.posthoc.constants import MERGE_FILE
 from tests.trainer_helpers import local_tokenizer
 
 pytestmark = pytest.mark.slow

@@ -1,11 +1,36 @@
 """Post-hoc tools on saved checkpoints: streaming averages, model soups and WiSE-FT."""
 
-from hf_wavg.posthoc.checkpoints import CheckpointError, CheckpointReader
-from hf_wavg.posthoc.evaluation import ModelEvaluator, greater_is_better
-from hf_wavg.posthoc.merge import average_checkpoints
-from hf_wavg.posthoc.model_weights import load_average_into
-from hf_wavg.posthoc.soups import SoupResult, greedy_soup, uniform_soup
-from hf_wavg.posthoc.wise_ft import WiseFT, WiseFTResult, wise_ft
+from typing import TYPE_CHECKING
+
+from hf_wavg._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from hf_wavg.posthoc.checkpoints import CheckpointError, CheckpointReader
+    from hf_wavg.posthoc.evaluation import ModelEvaluator, greater_is_better
+    from hf_wavg.posthoc.merge import average_checkpoints
+    from hf_wavg.posthoc.model_weights import load_average_into
+    from hf_wavg.posthoc.soups import SoupResult, greedy_soup, uniform_soup
+    from hf_wavg.posthoc.wise_ft import WiseFT, WiseFTResult, wise_ft
+
+# Names resolve on first use: `import hf_wavg` (and `hf-wavg --help`) stays fast, and
+# transformers, peft and evaluate load only when something needs them.
+_EXPORTS = {
+    "CheckpointError": "hf_wavg.posthoc.checkpoints",
+    "CheckpointReader": "hf_wavg.posthoc.checkpoints",
+    "ModelEvaluator": "hf_wavg.posthoc.evaluation",
+    "greater_is_better": "hf_wavg.posthoc.evaluation",
+    "average_checkpoints": "hf_wavg.posthoc.merge",
+    "load_average_into": "hf_wavg.posthoc.model_weights",
+    "SoupResult": "hf_wavg.posthoc.soups",
+    "greedy_soup": "hf_wavg.posthoc.soups",
+    "uniform_soup": "hf_wavg.posthoc.soups",
+    "WiseFT": "hf_wavg.posthoc.wise_ft",
+    "WiseFTResult": "hf_wavg.posthoc.wise_ft",
+    "wise_ft": "hf_wavg.posthoc.wise_ft",
+}
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "CheckpointError",

@@ -10,7 +10,7 @@ from typing import Any
 from hf_wavg.posthoc.checkpoints import CheckpointReader
 from hf_wavg.posthoc.merge import average_checkpoints
 from hf_wavg.posthoc.output import prepare_output_dir, staged_dir
-from hf_wavg.posthoc.wise_ft import DEFAULT_ALPHAS, WISE_FT_FILE
+from hf_wavg.posthoc.constants import DEFAULT_ALPHAS, WISE_FT_FILE
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

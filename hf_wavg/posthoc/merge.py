@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hf_wavg.posthoc.constants import MERGE_FILE
 from hf_wavg.posthoc.output import prepare_output_dir, staged_dir
 from hf_wavg.posthoc.checkpoints import (
     CheckpointError,
@@ -34,7 +35,6 @@ from hf_wavg.posthoc.checkpoints import (
 logger = logging.getLogger(__name__)
 
 CHUNK_ELEMENTS = 1 << 20  # 1Mi elements: an 8 MiB float64 accumulator per slice
-MERGE_FILE = "wavg_merge.json"
 # Adapter settings that must agree for factor-wise averaging to be defined.
 _ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern",
                  "alpha_pattern", "modules_to_save", "base_model_name_or_path")

@@ -20,11 +20,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hf_wavg.model_card import wise_ft_table
+from hf_wavg.posthoc.constants import DEFAULT_ALPHAS
 from hf_wavg.posthoc.evaluation import greater_is_better as metric_greater_is_better
 from hf_wavg.posthoc.model_weights import is_peft_model
 
-DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-WISE_FT_FILE = "wavg_wise_ft.json"
 _LORA_UPDATE_FACTORS = ("lora_B", "lora_embedding_B")
 
 Pretrained = str | os.PathLike[str] | nn.Module | dict[str, Tensor] | None
