@@ -15,11 +15,12 @@ from hf_wavg import WAvgConfig  # noqa: E402
 from tests.trainer_helpers import SnapshotRecorder, averaged_named, make_trainer  # noqa: E402
 
 
-def main(model_path: str, output_dir: str) -> None:
+def main(model_path: str, output_dir: str, save_steps: str = "0") -> None:
     out = Path(output_dir)
     recorder = SnapshotRecorder()
+    saving = {"save_strategy": "steps", "save_steps": int(save_steps)} if int(save_steps) else {}
     trainer = make_trainer(model_path, out / "run", WAvgConfig(method="ema", ema_decay=0.9), callbacks=[recorder],
-                           max_steps=4, per_device_train_batch_size=4)
+                           max_steps=4, per_device_train_batch_size=4, **saving)
     trainer.train()
     state = PartialState()
     rank = state.process_index
