@@ -23,14 +23,14 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hf_wavg.posthoc.constants import MERGE_FILE
-from hf_wavg.posthoc.output import prepare_output_dir, staged_dir
 from hf_wavg.posthoc.checkpoints import (
     CheckpointError,
     CheckpointReader,
     is_training_state,
     weight_file_names,
 )
+from hf_wavg.posthoc.constants import MERGE_FILE
+from hf_wavg.posthoc.output import prepare_output_dir, staged_dir
 
 logger = logging.getLogger(__name__)
 
