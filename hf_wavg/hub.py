@@ -17,7 +17,7 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from hf_wavg.model_card import AVERAGING_FILE, averaging_card_section, merge_card_section, wise_ft_card_section
-from hf_wavg.posthoc.checkpoints import CheckpointReader, is_training_state
+from hf_wavg.posthoc.checkpoints import TRAINING_STATE_FILES, CheckpointReader, is_training_state
 from hf_wavg.posthoc.constants import MERGE_FILE, WISE_FT_FILE
 from hf_wavg.safety.monitor import PLOT_FILE, REPORT_FILE, report_card_section
 
@@ -25,8 +25,7 @@ logger = logging.getLogger(__name__)
 
 CARD_MARKER = "(hf_wavg)"  # every averaging section's heading ends with it
 # Never uploaded: checkpoints, logs, temporary files and optimizer state.
-IGNORE_PATTERNS = ["checkpoint-*", "_*", ".*", "runs/*", "*.tmp", "optimizer.*", "scheduler.pt", "scaler.pt",
-                   "rng_state*", "trainer_state.json", "training_args.bin", "wavg_state.*"]
+IGNORE_PATTERNS = ["checkpoint-*", "_*", ".*", "runs/*", "*.tmp", "rng_state*", *TRAINING_STATE_FILES]
 _SECTIONS = ((AVERAGING_FILE, averaging_card_section), (MERGE_FILE, merge_card_section),
              (WISE_FT_FILE, wise_ft_card_section), (REPORT_FILE, report_card_section))
 
