@@ -75,6 +75,13 @@ def make_checkpoints(root: Path, mib: int, count: int) -> list[Path]:
     return folders
 
 
+def measure(variant: str, inputs: list[Path], output: Path) -> dict[str, float]:
+    """Peak extra RSS (bytes) and seconds of one variant, in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", MEASURE, variant, str(output), *map(str, inputs)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=256, help="size of one checkpoint (default 256 MiB)")
@@ -90,9 +97,7 @@ def main() -> None:
         size = (inputs[0] / "model.safetensors").stat().st_size
         rows, data = [], {"checkpoint_bytes": size, "checkpoints": args.checkpoints, "variants": {}}
         for key, label in VARIANTS:
-            done = subprocess.run([sys.executable, "-c", MEASURE, key, str(root / f"out-{key}"), *map(str, inputs)],
-                                  capture_output=True, text=True, check=True)
-            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result = measure(key, inputs, root / f"out-{key}")
             data["variants"][key] = result
             rows.append([label, f"{result['peak_extra_bytes'] / 2**20:.0f}",
                          f"{result['peak_extra_bytes'] / size:.2f}x", f"{result['seconds']:.2f}"])

@@ -19,7 +19,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from hf_wavg.model_card import AVERAGING_FILE, averaging_card_section, merge_card_section, wise_ft_card_section
 from hf_wavg.posthoc.checkpoints import TRAINING_STATE_FILES, CheckpointReader, is_training_state
 from hf_wavg.posthoc.constants import MERGE_FILE, WISE_FT_FILE
-from hf_wavg.safety.monitor import PLOT_FILE, REPORT_FILE, report_card_section
+from hf_wavg.safety.monitor import PLOT_FILE, PLOT_MARKDOWN, REPORT_FILE, report_card_section
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def card_sections(directory: str | os.PathLike[str]) -> str:
     directory = Path(directory)
     parts = [make(_read_json(directory / name)) for name, make in _SECTIONS if (directory / name).is_file()]
     if (directory / PLOT_FILE).is_file():
-        parts.append(f"![Safety metrics over training]({PLOT_FILE})\n")
+        parts.append(PLOT_MARKDOWN)
     return "\n".join(part for part in parts if part)
 
 

@@ -21,7 +21,7 @@ from hf_wavg.config import WAvgConfig
 from hf_wavg.model_card import AVERAGING_FILE, averaging_card_section
 from hf_wavg.safety.config import SafetyConfig
 from hf_wavg.safety.logit_pairing import logit_pairing_penalty
-from hf_wavg.safety.monitor import PLOT_FILE, SafetyMonitor
+from hf_wavg.safety.monitor import PLOT_FILE, PLOT_MARKDOWN, SafetyMonitor
 
 
 class WAvgTrainer(Trainer):
@@ -179,7 +179,7 @@ class WAvgTrainer(Trainer):
             if self.safety_monitor is not None and self.safety_monitor.history:
                 handle.write("\n" + self.safety_monitor.card_section())
                 if os.path.isfile(os.path.join(self.args.output_dir, PLOT_FILE)):
-                    handle.write(f"\n![Safety metrics over training]({PLOT_FILE})\n")
+                    handle.write("\n" + PLOT_MARKDOWN)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:

@@ -3,11 +3,9 @@ numpy, layouts (sharded, pickle, LoRA adapters), bad input, and peak memory."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -195,39 +193,22 @@ def test_lora_adapters_are_averaged_factor_by_factor_and_load_with_peft(tmp_path
     assert_states_equal(get_peft_model_state_dict(model), expected)
 
 
-PEAK_MEMORY_SCRIPT = textwrap.dedent("""
-    import json, sys
-    from pathlib import Path
-    from hf_wavg.cli import main
-
-    def status(field):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set size
-    baseline = status("VmRSS")
-    assert main(["average", *sys.argv[1:-1], "--out", sys.argv[-1], "--quiet"]) == 0
-    print(json.dumps({"peak_extra_bytes": status("VmHWM") - baseline}))
-""")
+def posthoc_benchmark():
+    """benchmarks/posthoc_average.py, whose checkpoints and measurement this test shares."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "posthoc_average.py"
+    spec = importlib.util.spec_from_file_location("posthoc_average_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
 def test_hf_wavg_average_peak_memory_stays_under_one_and_a_half_checkpoints(tmp_path):
-    # 64 MiB checkpoints whose largest tensor (an "embedding") is 60% of the total.
-    shapes = {"embed.weight": (9830, 1024), "layer.0.weight": (2048, 1024), "layer.1.weight": (2048, 1024),
-              "layer.1.bias": (1024,), "head.weight": (2458, 1024)}
-    folders = []
-    for seed in range(4):
-        generator = torch.Generator().manual_seed(seed)
-        folder = tmp_path / f"ckpt-{seed}"
-        folder.mkdir()
-        save_file({n: torch.randn(s, generator=generator) for n, s in shapes.items()}, folder / "model.safetensors",
-                  metadata={"format": "pt"})
-        folders.append(folder)
+    # Four 64 MiB checkpoints whose largest tensor (an "embedding") is 60% of the total.
+    benchmark = posthoc_benchmark()
+    folders = benchmark.make_checkpoints(tmp_path, mib=64, count=4)
     checkpoint_bytes = (folders[0] / "model.safetensors").stat().st_size
-    result = subprocess.run([sys.executable, "-c", PEAK_MEMORY_SCRIPT, *map(str, folders), str(tmp_path / "avg")],
-                            capture_output=True, text=True, check=True)
-    peak = json.loads(result.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+    peak = benchmark.measure("cli", folders, tmp_path / "avg")["peak_extra_bytes"]
     assert peak < 1.5 * checkpoint_bytes, f"peak {peak / 2**20:.1f} MiB for {checkpoint_bytes / 2**20:.1f} MiB checkpoints"
-    assert load_file(tmp_path / "avg" / "model.safetensors")["embed.weight"].shape == shapes["embed.weight"]
+    expected_shape = load_file(folders[0] / "model.safetensors")["embed.weight"].shape
+    assert load_file(tmp_path / "avg" / "model.safetensors")["embed.weight"].shape == expected_shape

@@ -20,6 +20,7 @@ from hf_wavg.safety.suite import SafetyResult, SafetySuite
 
 REPORT_FILE = "safety_report.json"
 PLOT_FILE = "safety_metrics.png"
+PLOT_MARKDOWN = f"![Safety metrics over training]({PLOT_FILE})\n"  # the plot in a model card
 # What the plot and the model card show; every metric is in the log and the report.
 HEADLINE_METRICS = (
     ("counterfactual/flip_rate", "Counterfactual flip rate"),
