@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from hf_wavg.averaging import kernels
 from hf_wavg.averaging.strategies import AveragingStrategy
+from hf_wavg import sharding, state_io
 from hf_wavg.params import BufferMode, ParameterScope, TensorSelection, select_tensors
-from hf_wavg.state_io import AveragerStateError, load_state, save_state
+from hf_wavg.state_io import AveragerStateError
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,12 @@ class WeightAverager:
         parameters, name_regex, buffers: which tensors; see :func:`hf_wavg.params.select_tensors`.
         skip_non_finite: check each snapshot and skip it (counted, warned once) when it holds
             a NaN or an infinity, instead of poisoning the average for good.
+        shard_replicas: the model is replicated across the default process group (data
+            parallel): each process keeps the average of its 1/world_size slice of every
+            tensor, and the slices are all-gathered when the average is swapped in. Every
+            process must then call :meth:`update`, :meth:`swapped_in`, :meth:`copy_to_model`,
+            :meth:`save` and :meth:`load` together, as it must for a sharded (FSDP,
+            ZeRO-3) model.
     """
 
     def __init__(
@@ -41,10 +48,11 @@ class WeightAverager:
         name_regex: str | None = None,
         buffers: BufferMode = "copy",
         skip_non_finite: bool = True,
+        shard_replicas: bool = False,
     ) -> None:
         self.model = model
         self.strategy = strategy
-        self.selection: TensorSelection = select_tensors(model, parameters, name_regex, buffers)
+        self.selection: TensorSelection = select_tensors(model, parameters, name_regex, buffers, shard_replicas)
         self.skip_non_finite = skip_non_finite
         self.num_skipped = 0
         self.last_update_step: int | None = None
@@ -67,7 +75,7 @@ class WeightAverager:
     def update(self, step: int | None = None) -> bool:
         """Fold the model's current weights in; return False if the snapshot was skipped."""
         snapshot = self.selection.tensors()
-        if self.skip_non_finite and not kernels.all_finite(snapshot):
+        if self.skip_non_finite and not self._all_finite(snapshot):
             self.num_skipped += 1
             if self.num_skipped == 1:
                 logger.warning(
@@ -80,6 +88,11 @@ class WeightAverager:
         self.last_update_step = step
         return True
 
+    def _all_finite(self, snapshot: list[Tensor]) -> bool:
+        finite = kernels.all_finite(snapshot)
+        # Processes holding different pieces must skip the same snapshots.
+        return sharding.all_ranks_agree(finite) if self.selection.is_distributed else finite
+
     def _require_average(self) -> list[Tensor]:
         if not self.has_average:
             raise RuntimeError("the averager holds no average yet: no snapshot has been folded in")
@@ -91,11 +104,16 @@ class WeightAverager:
         average = self._require_average()
         for live, avg in zip(self.selection.tensors(), average):
             live.copy_(avg)
+        self.selection.synchronize()
 
     @contextmanager
     def swapped_in(self) -> Iterator[nn.Module]:
         """Run the block with the average loaded into the model; the raw weights are copied
-        aside and restored bit for bit afterwards, whatever the block raises. Re-entrant."""
+        aside and restored bit for bit afterwards, whatever the block raises. Re-entrant.
+
+        Only this process's pieces are copied aside, so a sharded average never needs a
+        second full copy of the weights: replicated weights are restored from every rank's
+        slice, as the average was put in."""
         if self._swapped:
             yield self.model
             return
@@ -105,6 +123,7 @@ class WeightAverager:
             backup = [t.to(device=self.strategy.storage_device or t.device, copy=True) for t in live]
             for target, avg in zip(live, average):
                 target.copy_(avg)
+            self.selection.synchronize()
         self._swapped = True
         try:
             yield self.model
@@ -112,6 +131,7 @@ class WeightAverager:
             with torch.no_grad():
                 for target, raw in zip(self.selection.tensors(), backup):
                     target.copy_(raw)
+                self.selection.synchronize()
             self._swapped = False
 
     def describe(self) -> dict[str, Any]:
@@ -123,65 +143,80 @@ class WeightAverager:
             "last_update_step": self.last_update_step,
             "num_tensors": len(self.selection),
             "num_elements": self.selection.numel,
+            "num_elements_per_process": self.selection.local_numel,
         }
 
     # -- persistence -------------------------------------------------------------------------
 
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    def save(self, directory: str | os.PathLike[str], write_record: bool = True) -> None:
+        """Write the state into ``directory``: this process's pieces, and (where
+        ``write_record``) the record, once every process's pieces are on disk.
+
+        A sharded average needs every process to call this; an unsharded one only the
+        process that writes the record."""
         buffers, strategy_meta = self.strategy.state()
         tensors = {
             f"{group}{_KEY_SEPARATOR}{name}": tensor
             for group, group_tensors in buffers.items()
-            for name, tensor in zip(self.selection.names, group_tensors)
+            for name, tensor, piece in zip(self.selection.names, group_tensors, self.selection.pieces)
+            if piece.numel
         }
+        ranges = {name: [piece.start, piece.stop] for name, piece in zip(self.selection.names, self.selection.pieces)
+                  if piece.numel}
+        if self.selection.is_distributed:
+            rank, world = sharding.distributed_world()
+            file_name = state_io.tensor_file_name(rank, world)
+            size = state_io.write_tensors(directory, file_name, tensors)
+            files = sharding.all_gather_objects({"file": file_name, "bytes": size, "ranges": ranges})
+        elif write_record:
+            file_name = state_io.tensor_file_name()
+            size = state_io.write_tensors(directory, file_name, tensors)
+            files = [{"file": file_name, "bytes": size, "ranges": ranges}]
+        if not write_record:
+            return
         meta = {
             "method": self.strategy.name,
             "strategy": strategy_meta,
             "groups": list(buffers),
-            "names": self.selection.names,
+            "shapes": {name: list(piece.shape) for name, piece in zip(self.selection.names, self.selection.pieces)},
             "num_skipped": self.num_skipped,
             "last_update_step": self.last_update_step,
         }
-        return tensors, meta
-
-    def save(self, directory: str | os.PathLike[str]) -> None:
-        tensors, meta = self.state()
-        save_state(directory, tensors, meta)
+        state_io.write_record(directory, meta, files)
 
     def load(self, directory: str | os.PathLike[str]) -> None:
-        """Restore a state saved by :meth:`save`; raise :class:`AveragerStateError` naming the
-        first tensor that does not match this model, before anything is changed."""
-        tensors, meta = load_state(directory)
-        if meta["method"] != self.strategy.name:
-            raise AveragerStateError(
-                f"averager state in {directory} was made by {meta['method']!r}, but this run averages with "
-                f"{self.strategy.name!r}"
-            )
-        groups: dict[str, list[Tensor]] = {}
-        for group in meta["groups"]:
-            groups[group] = [self._saved_tensor(tensors, group, name, live, directory)
-                             for name, live in zip(self.selection.names, self.selection.tensors())]
-        extra = set(meta["names"]) - set(self.selection.names)
-        if extra:
-            raise AveragerStateError(
-                f"averager state in {directory} holds tensor {sorted(extra)[0]!r}, which this model's "
-                "selection does not average"
-            )
-        self.strategy.load_state(groups, meta["strategy"])
-        self.num_skipped = int(meta["num_skipped"])
-        self.last_update_step = meta["last_update_step"]
-
-    @staticmethod
-    def _saved_tensor(
-        tensors: dict[str, Tensor], group: str, name: str, live: Tensor, directory: str | os.PathLike[str]
-    ) -> Tensor:
-        key = f"{group}{_KEY_SEPARATOR}{name}"
-        if key not in tensors:
-            raise AveragerStateError(f"averager state in {directory} lacks tensor {name!r} ({group})")
-        saved = tensors[key]
-        if saved.shape != live.shape:
-            raise AveragerStateError(
-                f"averager state in {directory} does not match the model: tensor {name!r} has shape "
-                f"{tuple(saved.shape)} in the state but {tuple(live.shape)} in the model"
-            )
-        return saved
+        """Restore a state saved by :meth:`save`, under this process's layout whatever the
+        layout that saved it; raise :class:`AveragerStateError` naming the first tensor that
+        does not match this model, before anything is changed."""
+        with state_io.open_state(directory) as (record, reader):
+            if record["method"] != self.strategy.name:
+                raise AveragerStateError(
+                    f"averager state in {directory} was made by {record['method']!r}, but this run averages with "
+                    f"{self.strategy.name!r}"
+                )
+            shapes = record["shapes"]
+            for name, piece in zip(self.selection.names, self.selection.pieces):
+                if name not in shapes:
+                    raise AveragerStateError(f"averager state in {directory} lacks tensor {name!r}")
+                if tuple(shapes[name]) != piece.shape:
+                    raise AveragerStateError(
+                        f"averager state in {directory} does not match the model: tensor {name!r} has shape "
+                        f"{tuple(shapes[name])} in the state but {piece.shape} in the model"
+                    )
+            extra = set(shapes) - set(self.selection.names)
+            if extra:
+                raise AveragerStateError(
+                    f"averager state in {directory} holds tensor {sorted(extra)[0]!r}, which this model's "
+                    "selection does not average"
+                )
+            live = self.selection.tensors()
+            groups = {
+                group: [
+                    reader.read(f"{group}{_KEY_SEPARATOR}{name}", name, piece.start, piece.stop).view(like.shape)
+                    for name, piece, like in zip(self.selection.names, self.selection.pieces, live)
+                ]
+                for group in record["groups"]
+            }
+        self.strategy.load_state(groups, record["strategy"])
+        self.num_skipped = int(record["num_skipped"])
+        self.last_update_step = record["last_update_step"]

@@ -56,6 +56,7 @@ class WAvgCallback(TrainerCallback):
         self.resume_from_checkpoint = resume_from_checkpoint
         self.averager: WeightAverager | None = None
         self.first_step = 0
+        self._saved_step: int | None = None
         self.safety_monitor = SafetyMonitor(safety_config) if safety_config is not None else None
         self.safety_data: SafetyData = (
             safety_data_from(safety_dataset, safety_config) if safety_config is not None else (None, None, None)
@@ -88,7 +89,7 @@ class WAvgCallback(TrainerCallback):
     ) -> None:
         if model is None:
             raise ValueError("WAvgCallback needs the Trainer's model; it received none")
-        self.averager = self.config.build_averager(model)
+        self.averager = self.config.build_averager(model, data_parallel=args.world_size > 1)
         self.first_step = self.config.start_at(state.max_steps)
         if state.global_step > 0:
             self._restore(args, state)
@@ -167,9 +168,18 @@ class WAvgCallback(TrainerCallback):
                 self.averager.copy_to_model()
                 logger.info("hf_wavg: epoch %d, training continues from the average", epoch)
 
+    def save_state(self, checkpoint_dir: str, args: TrainingArguments, step: int) -> None:
+        """Write the averager state into ``checkpoint_dir``; every process calls this (a
+        sharded average saves each rank's pieces), the main one writes the record."""
+        if self.averager is not None and self._saved_step != step:
+            self.averager.save(checkpoint_dir, write_record=args.should_save)
+            self._saved_step = step
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.averager is not None and args.should_save:
-            self.averager.save(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        # WAvgTrainer has already saved the state, before the Trainer rotated old
+        # checkpoints away; other Trainers call back only after rotating.
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        self.save_state(checkpoint, args, state.global_step)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.averager is None:

@@ -52,6 +52,13 @@ class WAvgConfig:
         default="copy", metadata=_help("Float buffers: keep the live model's (copy) or average them.")
     )
     offload_to_cpu: bool = field(default=False, metadata=_help("Keep the average in CPU memory."))
+    shard_average: bool = field(
+        default=True,
+        metadata=_help(
+            "Data parallel (DDP, ZeRO-1/2): each rank keeps 1/world_size of the average, gathered only to evaluate "
+            "or save it. False keeps a full copy on every rank. FSDP and ZeRO-3 shards are always averaged locally."
+        ),
+    )
     skip_non_finite: bool = field(default=True, metadata=_help("Skip snapshots holding NaN or inf."))
     evaluate_average: bool = field(default=True, metadata=_help("evaluate() reports the average's metrics."))
     evaluate_raw: bool = field(
@@ -130,7 +137,9 @@ class WAvgConfig:
             return SWA(storage_device=storage)
         return LAWA(self.lawa_k, storage_device=storage)
 
-    def build_averager(self, model: nn.Module) -> WeightAverager:
+    def build_averager(self, model: nn.Module, data_parallel: bool = False) -> WeightAverager:
+        """The averager for ``model``; ``data_parallel``: the model is replicated across the
+        default process group, so the average is sharded when ``shard_average`` says so."""
         return WeightAverager(
             model,
             self.build_strategy(),
@@ -138,4 +147,5 @@ class WAvgConfig:
             name_regex=self.average_name_regex,
             buffers=self.average_buffers,
             skip_non_finite=self.skip_non_finite,
+            shard_replicas=data_parallel and self.shard_average,
         )

@@ -17,7 +17,12 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from hf_wavg.model_card import AVERAGING_FILE, averaging_card_section, merge_card_section, wise_ft_card_section
-from hf_wavg.posthoc.checkpoints import TRAINING_STATE_FILES, CheckpointReader, is_training_state
+from hf_wavg.posthoc.checkpoints import (
+    TRAINING_STATE_FILES,
+    TRAINING_STATE_PREFIXES,
+    CheckpointReader,
+    is_training_state,
+)
 from hf_wavg.posthoc.constants import MERGE_FILE, WISE_FT_FILE
 from hf_wavg.safety.monitor import PLOT_FILE, PLOT_MARKDOWN, REPORT_FILE, report_card_section
 
@@ -25,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 CARD_MARKER = "(hf_wavg)"  # every averaging section's heading ends with it
 # Never uploaded: checkpoints, logs, temporary files and optimizer state.
-IGNORE_PATTERNS = ["checkpoint-*", "_*", ".*", "runs/*", "*.tmp", "rng_state*", *TRAINING_STATE_FILES]
+IGNORE_PATTERNS = ["checkpoint-*", "_*", ".*", "runs/*", "*.tmp",
+                   *TRAINING_STATE_FILES, *(f"{prefix}*" for prefix in TRAINING_STATE_PREFIXES)]
 _SECTIONS = ((AVERAGING_FILE, averaging_card_section), (MERGE_FILE, merge_card_section),
              (WISE_FT_FILE, wise_ft_card_section), (REPORT_FILE, report_card_section))
 

@@ -4,6 +4,7 @@ averaged weights, while training itself continues from the raw ones."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from typing import Any
 
 from torch import nn
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
 from hf_wavg.averager import WeightAverager
 from hf_wavg.batchnorm import recomputed_batchnorm
@@ -22,6 +23,9 @@ from hf_wavg.model_card import AVERAGING_FILE, averaging_card_section
 from hf_wavg.safety.config import SafetyConfig
 from hf_wavg.safety.logit_pairing import logit_pairing_penalty
 from hf_wavg.safety.monitor import PLOT_FILE, PLOT_MARKDOWN, SafetyMonitor
+from hf_wavg.state_io import has_state
+
+logger = logging.getLogger(__name__)
 
 
 class WAvgTrainer(Trainer):
@@ -94,11 +98,25 @@ class WAvgTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = self._last_resumable_checkpoint()
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         self.wavg_callback.resume_from_checkpoint = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+
+    def _last_resumable_checkpoint(self) -> str | None:
+        """The newest checkpoint that holds an averager state: a save interrupted after the
+        Trainer's files but before the averager's (a rank failing mid-save) is passed over."""
+        if not os.path.isdir(self.args.output_dir):
+            return None
+        if self.wavg_config.restart_average_on_resume:
+            return get_last_checkpoint(self.args.output_dir)
+        checkpoints = sort_checkpoints(self.args.output_dir)
+        for checkpoint in reversed(checkpoints):
+            if has_state(checkpoint):
+                return checkpoint
+            logger.warning("hf_wavg: %s holds no averager state (an interrupted save?); looking at older ones", checkpoint)
+        return checkpoints[-1] if checkpoints else None
 
     def evaluate(
         self,
@@ -144,7 +162,13 @@ class WAvgTrainer(Trainer):
             self._saving_checkpoint = False
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if self._saving_checkpoint or not self.wavg_config.save_average or not self._average_ready():
+        if self._saving_checkpoint:
+            super().save_model(output_dir, _internal_call)
+            # The averager state goes in with the weights, before the Trainer rotates older
+            # checkpoints away: a failure from here on leaves the previous one whole.
+            self.wavg_callback.save_state(output_dir or self.args.output_dir, self.args, self.state.global_step)
+            return
+        if not self.wavg_config.save_average or not self._average_ready():
             super().save_model(output_dir, _internal_call)
             return
         with self.averaged_weights():

@@ -92,10 +92,14 @@ def test_state_of_another_model_names_the_first_mismatching_tensor(tmp_path):
         WeightAverager(TiedLM(), EMA(), parameters="all", buffers="average").load(tmp_path)
 
 
+def tensor_files(directory):
+    return [directory / entry["file"] for entry in state_io.read_record(directory)["files"]]
+
+
 def test_missing_or_truncated_state_is_a_clear_error_and_changes_nothing(tmp_path):
     _saved_averager(tmp_path)
     target = WeightAverager(TiedLM(), EMA(), parameters="all")
-    tensors_file = tmp_path / state_io.TENSORS_FILE
+    [tensors_file] = tensor_files(tmp_path)
     data = tensors_file.read_bytes()
     tensors_file.write_bytes(data[: len(data) // 2])
     with pytest.raises(AveragerStateError, match="truncated"):
@@ -113,6 +117,7 @@ def test_missing_or_truncated_state_is_a_clear_error_and_changes_nothing(tmp_pat
 def test_crash_mid_save_leaves_the_previous_state_loadable(tmp_path, monkeypatch):
     first = _saved_averager(tmp_path)
     before = [t.clone() for t in first.strategy.average()]
+    previous_files = sorted(os.listdir(tmp_path))
     perturb_(first.model, seed=5)
     first.update(2)
 
@@ -124,8 +129,15 @@ def test_crash_mid_save_leaves_the_previous_state_loadable(tmp_path, monkeypatch
     monkeypatch.setattr(state_io, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         first.save(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == sorted([state_io.TENSORS_FILE, state_io.META_FILE])  # no temp file left
+    assert sorted(os.listdir(tmp_path)) == previous_files  # no temp file left
     restored = WeightAverager(TiedLM(), EMA(), parameters="all")
     restored.load(tmp_path)
     for a, b in zip(restored.strategy.average(), before):
         assert torch.equal(a, b)
+
+    # A successful save replaces the state and removes the files of the previous one.
+    monkeypatch.undo()
+    first.save(tmp_path)
+    assert len(os.listdir(tmp_path)) == 2 and not set(os.listdir(tmp_path)) & set(previous_files) - {state_io.META_FILE}
+    restored.load(tmp_path)
+    assert restored.num_updates == 2

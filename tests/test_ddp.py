@@ -1,8 +1,9 @@
-"""Data parallel on CPU: two processes under ``torchrun`` with gloo (Accelerate's MULTI_CPU).
+"""Data parallel on CPU: ``accelerate launch`` with two processes (Accelerate's MULTI_CPU, gloo).
 
-``accelerate launch`` starts one process on a single CPU machine (its CPU path goes
-through mpirun); torchrun with ``ACCELERATE_USE_CPU`` gives Accelerate the same
-MULTI_CPU state it would build there."""
+On a machine without GPUs, ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu`` starts
+the processes through torch's elastic launcher and Accelerate gives them its MULTI_CPU
+state; ``accelerate launch --cpu`` alone would start a single process (its multi-process
+CPU path needs mpirun and a host file)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from hf_wavg import DecaySchedule, WAvgConfig
+from hf_wavg import AveragerStateError, DecaySchedule, WAvgConfig, WeightAverager, EMA
 from tests.reference import assert_close_to_reference, ema_reference
-from tests.trainer_helpers import SnapshotRecorder, averaged_named, make_trainer
+from tests.trainer_helpers import SnapshotRecorder, averaged_named, make_trainer, seeded_classifier
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
+SCHEDULE = DecaySchedule(0.9, "rational")
 
 
 def free_port() -> int:
@@ -32,46 +34,88 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_two_ranks(model_path: str, output_dir: Path, save_steps: int = 0) -> None:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(WORKER), model_path, str(output_dir), str(save_steps)]
+def accelerate_launch(model_path: str, output_dir: Path, expect_success: bool = True, **settings: str) -> None:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           **{f"WAVG_TEST_{key.upper()}": value for key, value in settings.items()}}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(WORKER), model_path, str(output_dir)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
+    if expect_success:
+        assert done.returncode == 0, done.stderr[-4000:]
+    else:
+        assert done.returncode != 0, "the launch was meant to fail"
 
 
-def recorded(path: Path) -> tuple[list[int], dict[str, torch.Tensor]]:
-    snapshots = load_file(path)
-    return sorted({int(key.split("/")[0]) for key in snapshots}), snapshots
+def snapshots(output_dir: Path, steps: list[int], names: list[str], rank: int = 0) -> list[list[torch.Tensor]]:
+    """The weights rank ``rank`` trained through after each of ``steps``."""
+    recorded = [load_file(output_dir / f"snapshot-rank{rank}-step{step}.safetensors") for step in steps]
+    return [[weights[name] for name in names] for weights in recorded]
 
 
-def test_two_process_ddp_ranks_agree_with_the_one_process_formula_and_the_saved_model(minilm_path, tmp_path):
-    run_two_ranks(minilm_path, tmp_path)
+def rank_average(output_dir: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = output_dir / f"average-rank{rank}.safetensors"
+    with safe_open(path, "pt") as handle:
+        return load_file(path), handle.metadata()
 
-    with safe_open(tmp_path / "average-rank0.safetensors", "pt") as handle:
-        assert handle.metadata() == {"world_size": "2", "distributed_type": "MULTI_CPU"}
-    averages = [load_file(tmp_path / f"average-rank{rank}.safetensors") for rank in (0, 1)]
-    names = sorted(averages[0])
-    for name in names:  # every rank holds the same average, bit for bit
-        assert torch.equal(averages[0][name], averages[1][name]), name
 
-    # The average is the EMA formula applied, in float64, to the snapshots the ranks trained through.
-    steps, snapshots = recorded(tmp_path / "snapshots-rank0.safetensors")
-    assert steps == [1, 2, 3, 4]
-    expected = ema_reference([[snapshots[f"{s}/{n}"] for n in names] for s in steps], DecaySchedule(0.9, "rational"))
-    assert_close_to_reference([averages[0][n] for n in names], expected, rtol=1e-5, atol=1e-6)
+def one_process_average(model_path: str, sequence: list[list[torch.Tensor]], names: list[str]) -> list[torch.Tensor]:
+    """The same snapshots folded in by an unsharded averager in this process."""
+    model = seeded_classifier(model_path)
+    averager = WeightAverager(model, EMA(SCHEDULE))
+    assert averager.selection.names == names
+    for snapshot in sequence:
+        with torch.no_grad():
+            for live, value in zip(averager.selection.tensors(), snapshot):
+                live.copy_(value)
+        averager.update()
+    return [t.clone() for t in averager.strategy.average()]
 
-    # Rank 0 saved the average; it reloads and holds exactly those weights.
+
+def test_two_processes_shard_the_average_and_match_one_process(minilm_path, tmp_path):
+    accelerate_launch(minilm_path, tmp_path)
+
+    (average0, meta0), (average1, meta1) = rank_average(tmp_path, 0), rank_average(tmp_path, 1)
+    assert meta0["world_size"] == "2" and meta0["distributed_type"] == "MULTI_CPU"
+    # Each rank holds half the average (an even slice of every tensor), not a full copy.
+    numel = int(meta0["numel"])
+    assert int(meta0["local_numel"]) + int(meta1["local_numel"]) == numel
+    assert max(int(meta0["local_numel"]), int(meta1["local_numel"])) <= numel // 2 + 200
+    assert meta0["raw_restored"] == meta1["raw_restored"] == "True"  # swapping back out restores the raw weights
+
+    names = sorted(average0)
+    for name in names:  # every rank gathers the same average, bit for bit
+        assert torch.equal(average0[name], average1[name]), name
+    sequence = snapshots(tmp_path, [1, 2, 3, 4], names)
+    assert_close_to_reference([average0[n] for n in names], ema_reference(sequence, SCHEDULE), rtol=1e-5, atol=1e-6)
+
+    # The sharded average is the one an unsharded averager computes from the same snapshots.
+    model_order = list(seeded_classifier(minilm_path).state_dict())
+    ordered = sorted(names, key=model_order.index)
+    unsharded = one_process_average(minilm_path, snapshots(tmp_path, [1, 2, 3, 4], ordered), ordered)
+    for name, expected in zip(ordered, unsharded):
+        assert torch.equal(average0[name], expected), name
+
+    # Rank 0 saved the gathered average; it reloads and holds exactly those weights.
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "averaged").state_dict()
     for name in names:
-        assert torch.equal(reloaded[name], averages[0][name].to(reloaded[name].dtype)), name
+        assert torch.equal(reloaded[name], average0[name]), name
+
+
+def test_replicated_average_equals_the_sharded_one(minilm_path, tmp_path):
+    accelerate_launch(minilm_path, tmp_path / "sharded")
+    accelerate_launch(minilm_path, tmp_path / "replicated", shard="0")
+    sharded, sharded_meta = rank_average(tmp_path / "sharded", 1)
+    replicated, replicated_meta = rank_average(tmp_path / "replicated", 1)
+    assert replicated_meta["local_numel"] == replicated_meta["numel"] != sharded_meta["local_numel"]
+    for name, value in replicated.items():
+        assert torch.equal(value, sharded[name]), name
 
 
 def test_a_two_process_run_resumes_in_one_process_with_its_average(minilm_path, tmp_path):
-    run_two_ranks(minilm_path, tmp_path, save_steps=2)
+    accelerate_launch(minilm_path, tmp_path, save_steps="2")
     checkpoint = tmp_path / "run" / "checkpoint-2"
-    assert (checkpoint / "wavg_state.json").is_file()
-    _, two_process = recorded(tmp_path / "snapshots-rank0.safetensors")
+    assert len(list(checkpoint.glob("wavg_state-0000*-of-00002-*.safetensors"))) == 2  # one file per rank
 
     recorder = SnapshotRecorder()
     trainer = make_trainer(minilm_path, tmp_path / "run", WAvgConfig(method="ema", ema_decay=0.9),
@@ -82,7 +126,44 @@ def test_a_two_process_run_resumes_in_one_process_with_its_average(minilm_path, 
     # Steps 1-2 come from the two ranks, steps 3-4 from the single process: the average
     # carried across is the formula over all four snapshots.
     names = trainer.averager.selection.names
-    sequence = [[two_process[f"{s}/{n}"] for n in names] for s in (1, 2)]
+    sequence = snapshots(tmp_path, [1, 2], names)
     sequence += [[recorder.steps[s][n] for n in names] for s in (3, 4)]
-    expected = ema_reference(sequence, DecaySchedule(0.9, "rational"))
+    expected = ema_reference(sequence, SCHEDULE)
+    assert_close_to_reference([averaged_named(trainer.averager)[n] for n in names], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_one_process_run_resumes_in_two_processes_with_its_average(minilm_path, tmp_path):
+    recorder = SnapshotRecorder()
+    single = make_trainer(minilm_path, tmp_path / "run", WAvgConfig(method="ema", ema_decay=0.9),
+                          callbacks=[recorder], max_steps=2, per_device_train_batch_size=4,
+                          save_strategy="steps", save_steps=2)
+    single.train()
+    names = single.averager.selection.names
+
+    accelerate_launch(minilm_path, tmp_path, resume=str(tmp_path / "run" / "checkpoint-2"))
+    average, meta = rank_average(tmp_path, 0)
+    assert meta["num_updates"] == "4"
+    sequence = [[recorder.steps[s][n] for n in names] for s in (1, 2)]
+    sequence += snapshots(tmp_path, [3, 4], names)
+    assert_close_to_reference([average[n] for n in names], ema_reference(sequence, SCHEDULE), rtol=1e-5, atol=1e-6)
+
+
+def test_a_rank_failing_mid_save_leaves_the_previous_checkpoint_loadable(minilm_path, tmp_path):
+    # Checkpoints every 2 steps, keeping only the latest; rank 1 dies writing its part of
+    # the averager state at step 4.
+    accelerate_launch(minilm_path, tmp_path, expect_success=False, save_steps="2", keep="1", crash_at="4")
+    run = tmp_path / "run"
+    assert (run / "checkpoint-2" / "wavg_state.json").is_file()  # not rotated away
+    with pytest.raises(AveragerStateError, match="missing"):
+        WeightAverager(seeded_classifier(minilm_path), EMA(SCHEDULE)).load(run / "checkpoint-4")
+
+    # Resuming from the last checkpoint passes over the interrupted one.
+    recorder = SnapshotRecorder()
+    trainer = make_trainer(minilm_path, run, WAvgConfig(method="ema", ema_decay=0.9), callbacks=[recorder],
+                           max_steps=4, per_device_train_batch_size=4)
+    trainer.train(resume_from_checkpoint=True)
+    assert sorted(recorder.steps) == [3, 4] and trainer.averager.num_updates == 4
+    names = trainer.averager.selection.names
+    sequence = snapshots(tmp_path, [1, 2], names) + [[recorder.steps[s][n] for n in names] for s in (3, 4)]
+    expected = ema_reference(sequence, SCHEDULE)
     assert_close_to_reference([averaged_named(trainer.averager)[n] for n in names], expected, rtol=1e-5, atol=1e-6)

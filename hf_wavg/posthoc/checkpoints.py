@@ -146,12 +146,13 @@ class CheckpointReader:
 # Training state that a Trainer checkpoint holds besides the model; never copied to an average.
 TRAINING_STATE_FILES = (
     "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
-    "wavg_state.safetensors", "wavg_state.json",
+    "wavg_state.json",
 )
+TRAINING_STATE_PREFIXES = ("rng_state", "wavg_state-")
 
 
 def is_training_state(name: str) -> bool:
-    return name in TRAINING_STATE_FILES or name.startswith("rng_state")
+    return name in TRAINING_STATE_FILES or name.startswith(TRAINING_STATE_PREFIXES)
 
 
 def weight_file_names(reader: CheckpointReader) -> set[str]:
