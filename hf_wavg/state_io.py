@@ -156,7 +156,7 @@ class RangeReader:
         missing = _first_gap(sorted(covered), start, stop)
         if missing is not None:
             raise AveragerStateError(
-                f"averager state in {self.directory} holds no copy of elements {list(missing)} of tensor {name!r} ({key})"
+                f"averager state in {self.directory} holds no copy of elements [{missing[0]}, {missing[1]}) of tensor {name!r} ({key})"
             )
         return out if out is not None else torch.empty(0)
 
