@@ -206,11 +206,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
-def barrier() -> None:
-    if distributed_world()[1] > 1:
-        dist.barrier()
-
-
 @torch.no_grad()
 def gather_replica_slices(tracked: Sequence[TrackedTensor]) -> None:
     """Make every rank's replicated tensors whole again after each rank wrote its own slice.

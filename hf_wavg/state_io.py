@@ -126,7 +126,8 @@ class RangeReader:
                 )
             if path.stat().st_size != entry["bytes"]:
                 raise AveragerStateError(
-                    f"{path} is {path.stat().st_size} bytes but {META_FILE} recorded {entry['bytes']}: truncated or replaced"
+                    f"{path} is {path.stat().st_size} bytes but {META_FILE} recorded {entry['bytes']}: "
+                    "truncated or replaced"
                 )
             try:
                 self._handles[name] = self._stack.enter_context(safe_open(path, framework="pt"))
@@ -156,7 +157,8 @@ class RangeReader:
         missing = _first_gap(sorted(covered), start, stop)
         if missing is not None:
             raise AveragerStateError(
-                f"averager state in {self.directory} holds no copy of elements [{missing[0]}, {missing[1]}) of tensor {name!r} ({key})"
+                f"averager state in {self.directory} holds no copy of elements [{missing[0]}, {missing[1]}) "
+                f"of tensor {name!r} ({key})"
             )
         return out if out is not None else torch.empty(0)
 

@@ -3,7 +3,8 @@ test_ddp.py). Writes, per rank: the average as gathered into the model, the snap
 folded in (as it goes) and what its own shard held; rank 0 also saves the averaged model.
 
 Settings come from the environment: ``WAVG_TEST_SAVE_STEPS`` (checkpoint every N steps),
-``WAVG_TEST_KEEP`` (``save_total_limit``), ``WAVG_TEST_SHARD`` (``shard_average``), ``WAVG_TEST_RESUME`` (checkpoint to resume from),
+``WAVG_TEST_KEEP`` (``save_total_limit``), ``WAVG_TEST_SHARD`` (``shard_average``),
+``WAVG_TEST_RESUME`` (checkpoint to resume from),
 ``WAVG_TEST_CRASH_AT`` (rank 1 dies while writing its averager state at that step)."""
 
 from __future__ import annotations

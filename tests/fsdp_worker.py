@@ -80,7 +80,8 @@ def main(mode: str, output_dir: str) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     if rank == 0:
         save_file({k: v.contiguous() for k, v in gathered.items()}, str(out / "average.safetensors"))
-        save_file(dict(zip(unsharded.selection.names, unsharded.strategy.average())), str(out / "reference.safetensors"))
+        reference_average = dict(zip(unsharded.selection.names, unsharded.strategy.average()))
+        save_file(reference_average, str(out / "reference.safetensors"))
     dist.destroy_process_group()
 
 

@@ -14,7 +14,6 @@ import torch
 from huggingface_hub import CommitInfo, HfApi, RepoUrl
 from huggingface_hub.repocard import metadata_load
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import load_file
 
 import huggingface_hub.hf_api
 from hf_wavg import SafetyConfig, WAvgConfig
