@@ -89,6 +89,11 @@ class WAvgCallback(TrainerCallback):
     ) -> None:
         if model is None:
             raise ValueError("WAvgCallback needs the Trainer's model; it received none")
+        if self.config.refine_every_epochs and (args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"):
+            # DeepSpeed steps its own float32 master copy: weights written into the model
+            # would be overwritten by the next step, and training would not restart from them.
+            raise ValueError("WAvgConfig.refine_every_epochs is not supported under DeepSpeed, whose optimizer "
+                             "keeps its own master weights; use FSDP or DDP, or set it to 0")
         self.averager = self.config.build_averager(model, data_parallel=args.world_size > 1)
         self.first_step = self.config.start_at(state.max_steps)
         if state.global_step > 0:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainerControl, TrainerState, TrainingArguments
 
-from hf_wavg import EMA, LAWA, SWA, WAvgConfig
+from hf_wavg import EMA, LAWA, SWA, WAvgCallback, WAvgConfig
+from tests.models import TiedLM
 
 
 @pytest.mark.parametrize(
@@ -65,3 +66,14 @@ def test_builds_the_configured_strategy():
     lawa = WAvgConfig(method="lawa", lawa_k=4).build_strategy()
     assert isinstance(lawa, LAWA) and lawa.k == 4
     assert WAvgConfig(start_fraction=0.5).start_at(100) == 50 and WAvgConfig(start_step=7).start_at(100) == 7
+
+
+def test_refining_from_the_average_is_refused_under_deepspeed(monkeypatch, tmp_path):
+    args = TrainingArguments(str(tmp_path), report_to="none")
+    callback = WAvgCallback(WAvgConfig(refine_every_epochs=1))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="refine_every_epochs is not supported under DeepSpeed"):
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=TiedLM())
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    callback.on_train_begin(args, TrainerState(), TrainerControl(), model=TiedLM())
+    assert callback.averager is not None
