@@ -43,3 +43,10 @@ def test_posthoc_average_smoke(tmp_path):
     out = run("posthoc_average.py", "--mib", "4", "--checkpoints", "2", "--output-dir", str(tmp_path))
     assert "| hf-wavg average (CLI) |" in out and "| load all, torch.stack().mean(0) |" in out
     assert (tmp_path / "posthoc_average-4mib.json").is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+def test_distributed_memory_smoke(tmp_path):
+    out = run("distributed_memory.py", "--mib", "4", "--worlds", "1,2", "--repeats", "1", "--output-dir", str(tmp_path))
+    assert "| DDP, sharded average (default) | 2 | cpu |" in out and "| FSDP2 fully_shard, local shards | 1 |" in out
+    assert (tmp_path / "distributed_memory-4mib-cpu.json").is_file()
