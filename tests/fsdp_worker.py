@@ -6,7 +6,8 @@ Writes: ``average.safetensors`` (rank 0; the averaged full state dict gathered b
 distributed state-dict utilities while the average is swapped in; FSDP1's CPU offload of
 that gather crashes on CPU-only torch, so the gather stays in place), ``reference.safetensors``
 (rank 0; the unsharded average), ``state/`` (the averager state, every rank's shards) and
-``rank<r>.json`` (shard sizes, and whether swapping out restored the raw shards)."""
+``rank<r>.json`` (shard sizes, and whether swapping out restored the raw shards). Mode
+``fsdp1_flat`` (FSDP1 without ``use_orig_params``) only writes the error each rank gets."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_wavg import EMA, DecaySchedule, WeightAverager  # noqa: E402
+from hf_wavg.sharding import UnsupportedLayoutError  # noqa: E402
 
 SCHEDULE = DecaySchedule(0.9, "rational")
 
@@ -43,7 +45,7 @@ def shard(model: nn.Module, mode: str) -> nn.Module:
         return fully_shard(model)
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    return FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
+    return FullyShardedDataParallel(model, use_orig_params=mode == "fsdp1", device_id=torch.device("cpu"))
 
 
 def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,6 +58,13 @@ def main(mode: str, output_dir: str) -> None:
     rank = dist.get_rank()
     reference = build()
     model = shard(copy.deepcopy(reference), mode)
+    if mode == "fsdp1_flat":  # one flat parameter per unit: refused, with the way out
+        try:
+            WeightAverager(model, EMA(SCHEDULE), parameters="all")
+        except UnsupportedLayoutError as error:
+            (out / f"rank{rank}-error.txt").write_text(str(error))
+        dist.destroy_process_group()
+        return
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     averager = WeightAverager(model, EMA(SCHEDULE), parameters="all")
     unsharded = WeightAverager(reference, EMA(SCHEDULE), parameters="all")

@@ -54,3 +54,10 @@ def test_sharded_average_equals_the_unsharded_one_and_saves_whole(mode, tmp_path
     assert single.num_updates == 5
     for name, value in zip(single.selection.names, single.strategy.average()):
         assert torch.equal(value, reference[name]), name
+
+
+def test_fsdp1_without_use_orig_params_is_refused_with_the_way_out(tmp_path):
+    torchrun("fsdp1_flat", tmp_path)
+    for rank in (0, 1):
+        message = (tmp_path / f"rank{rank}-error.txt").read_text()
+        assert "use_orig_params=True" in message and "fsdp_use_orig_params: true" in message
