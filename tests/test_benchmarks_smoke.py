@@ -50,3 +50,19 @@ def test_distributed_memory_smoke(tmp_path):
     out = run("distributed_memory.py", "--mib", "4", "--worlds", "1,2", "--repeats", "1", "--output-dir", str(tmp_path))
     assert "| DDP, sharded average (default) | 2 | cpu |" in out and "| FSDP2 fully_shard, local shards | 1 |" in out
     assert (tmp_path / "distributed_memory-4mib-cpu.json").is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+def test_average_memory_smoke(tmp_path, minilm_path):
+    out = run("average_memory.py", "--output-dir", str(tmp_path))
+    assert "| LoRA r=8 on a 4-layer Llama (adapters only) |" in out and "offload_to_cpu" in out
+    assert (tmp_path / "average_memory-cpu.json").is_file()
+
+
+@pytest.mark.parametrize("task", ["cad", "hindi"])
+def test_quality_smoke(tmp_path, shared_data, minilm_path, task):
+    out = run("quality.py", "--task", task, "--smoke", "--seeds", "0", "--data", str(shared_data),
+              "--output-dir", str(tmp_path))
+    assert "| greedy soup (dev accuracy) |" in out and "| EMA |" in out
+    assert ("| WiSE-FT, best alpha on dev |" in out) == (task == "cad")  # no pretrained ALBERT offline
+    assert (tmp_path / f"quality-{task}-smoke.png").is_file() and (tmp_path / f"quality-{task}-smoke.json").is_file()
