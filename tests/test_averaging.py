@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -82,6 +84,27 @@ def test_chunked_conversion_matches_one_pass():
         kernels.lerp_(chunked, snapshot, 0.3, chunk_bytes=16)  # one tensor per chunk
     for a, b in zip(whole, chunked):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kernel", ["lerp_", "copy_", "add_"])
+def test_one_converted_chunk_at_a_time(monkeypatch, kernel):
+    """Temporary space is one chunk: each converted chunk is freed before the next is made."""
+    convert = kernels._as_float32_on
+    made: list[weakref.ref] = []
+    alive_at_creation = []
+
+    def tracked(tensors, device):  # noqa: ANN001, ANN202
+        alive_at_creation.append(sum(ref() is not None for ref in made))
+        converted = convert(tensors, device)
+        made.extend(weakref.ref(t) for t in converted)
+        return converted
+
+    monkeypatch.setattr(kernels, "_as_float32_on", tracked)
+    snapshot = [torch.randn(4, dtype=torch.bfloat16) for _ in range(6)]
+    average = [torch.zeros(4) for _ in snapshot]
+    args = (0.5,) if kernel == "lerp_" else ()
+    getattr(kernels, kernel)(average, snapshot, *args, chunk_bytes=16)  # one tensor per chunk
+    assert len(alive_at_creation) == 6 and max(alive_at_creation) == 0
 
 
 def test_offloaded_average_lives_on_the_storage_device():

@@ -69,18 +69,21 @@ def lerp_(averages: Sequence[Tensor], snapshot: Sequence[Tensor], weight: float,
     """``avg += weight * (w - avg)`` for every pair, fused per device and dtype."""
     for targets, sources in converted_chunks(averages, snapshot, chunk_bytes):
         torch._foreach_lerp_(targets, sources, weight)
+        del targets, sources  # free this chunk before the next one is converted
 
 
 def copy_(averages: Sequence[Tensor], snapshot: Sequence[Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
     """``avg = w`` for every pair (first snapshot of a running average)."""
     for targets, sources in converted_chunks(averages, snapshot, chunk_bytes):
         torch._foreach_copy_(targets, sources)
+        del targets, sources
 
 
 def add_(totals: Sequence[Tensor], snapshot: Sequence[Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
     """``total += w`` for every pair."""
     for targets, sources in converted_chunks(totals, snapshot, chunk_bytes):
         torch._foreach_add_(targets, sources)
+        del targets, sources
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
