@@ -155,8 +155,6 @@ def measure_layout(layout: str, mib: int, repeats: int, device: torch.device, sc
     start = time.perf_counter()
     consolidating_save(model, averager, layout, folder)
     result["save_seconds"] = time.perf_counter() - start
-    del model, averager
-    gc.collect()
     return result
 
 
@@ -169,7 +167,10 @@ def worker(mib: int, repeats: int, scratch: Path) -> None:
         use_fixed_mmap_threshold()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank()
-    results = {layout: measure_layout(layout, mib, repeats, device, scratch) for layout, _ in LAYOUTS}
+    results = {}
+    for layout, _ in LAYOUTS:
+        results[layout] = measure_layout(layout, mib, repeats, device, scratch)
+        gc.collect()  # the layout's model and average are gone before the next one is built
     (scratch / f"rank{rank}.json").write_text(json.dumps({"device": str(device), "results": results}))
     dist.destroy_process_group()
 

@@ -143,7 +143,8 @@ def cad_task(data: Path, limits: dict[str, int | None], smoke: bool) -> Task:
 
     return Task(
         "cad", "MiniLM-L6 (pretrained) on cad-sentiment", split("orig", "train"), split("orig", "dev"),
-        {"orig/test": split("orig", "test"), "new/test": split("new", "test")}, AutoTokenizer.from_pretrained(model_path),
+        {"orig/test": split("orig", "test"), "new/test": split("new", "test")},
+        AutoTokenizer.from_pretrained(model_path),
         build, model_path, safety_config("en", smoke),
         epochs=2.0, learning_rate=1e-4, batch_size=16, max_length=64,
     )

@@ -8,6 +8,11 @@ model: no averager can move fewer bytes.
 
     python benchmarks/update_speed.py                 # BERT-base (110M), CPU, float32
     python benchmarks/update_speed.py --size tiny     # seconds; used by the smoke test
+    python benchmarks/update_speed.py --device cuda --dtype bfloat16 --size 1b   # a 1.3B model on a GPU
+
+For hf_wavg, the table also gives the bytes an update must move (read and write the float32
+average, read the weights; once more with the finite check) per second, as a share of the
+measured copy bandwidth (``copy_`` of flat float32 buffers the model's size).
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ DECAY = 0.999
 SIZES = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+    "1b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, intermediate_size=8192),  # 1.3B
 }
+COPY_BOUND = "bound: copy_ of flat float32 buffers"
 
 
 def build_model(size: str, device: str, dtype: torch.dtype) -> nn.Module:
@@ -57,6 +64,12 @@ def _load_timm_model_ema() -> Any:
 
 def make_updaters(model: nn.Module) -> dict[str, Callable[[], Callable[[], None]]]:
     """Method name -> factory returning a zero-argument update function."""
+
+    def copy_bound() -> Callable[[], None]:
+        numel = sum(p.numel() for p in model.parameters())
+        source = torch.randn(numel, dtype=torch.float32, device=next(model.parameters()).device)
+        target = torch.empty_like(source)
+        return lambda: target.copy_(source)
 
     def bound() -> Callable[[], None]:
         numel = sum(p.numel() for p in model.parameters())
@@ -107,6 +120,7 @@ def make_updaters(model: nn.Module) -> dict[str, Callable[[], Callable[[], None]
         return ema.update
 
     return {
+        COPY_BOUND: copy_bound,
         "bound: one lerp_ over flat buffers": bound,
         "hf_wavg EMA (no finite check)": hf_wavg(False),
         "hf_wavg EMA (default, finite check)": hf_wavg(True),
@@ -167,10 +181,18 @@ def main() -> None:
 
     bound = results["bound: one lerp_ over flat buffers"]["seconds"]
     ours = results["hf_wavg EMA (default, finite check)"]["seconds"]
+    copy_bandwidth = 8 * numel / results[COPY_BOUND]["seconds"]  # bytes read + written per second
+    weight_bytes = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    # Bytes an update must move per parameter: read and write the float32 average, read the
+    # weight (twice with the finite check, which reads the weights once more).
+    moved = {"hf_wavg EMA (no finite check)": 8 + weight_bytes,
+             "hf_wavg EMA (default, finite check)": 8 + 2 * weight_bytes}
+    for name, per_parameter in moved.items():
+        results[name]["bandwidth_share"] = per_parameter * numel / results[name]["seconds"] / copy_bandwidth
     rows = []
     for name, result in results.items():
         if "error" in result:
-            rows.append([name, "-", "-", "-", result["error"]])
+            rows.append([name, "-", "-", "-", "-", result["error"]])
             continue
         memory = result["memory_bytes"]
         rows.append([
@@ -178,13 +200,16 @@ def main() -> None:
             f"{result['seconds'] * 1e3:.1f}",
             f"{result['seconds'] / bound:.2f}x",
             f"{result['seconds'] / ours:.2f}x",
+            f"{100 * result['bandwidth_share']:.0f}%" if "bandwidth_share" in result else "-",
             "-" if memory is None else f"{memory / 2**20:.0f} MiB ({memory / (numel * 4):.2f} x fp32 model)",
         ])
     table = markdown_table(
-        ["method", "ms / update (median)", "vs bound", "vs hf_wavg default", "extra resident memory"], rows)
+        ["method", "ms / update (median)", "vs bound", "vs hf_wavg default", "bytes moved / s, % of copy_",
+         "extra resident memory"], rows)
     title = f"update_speed-{args.size}-{args.device}-{args.dtype}"
     header = (f"One EMA update (decay {DECAY}) of a BERT-{args.size} model ({numel / 1e6:.1f}M parameters, "
-              f"{args.dtype}, {args.device}); median of {args.repeats} after 2 warm-up updates.\n\n")
+              f"{args.dtype}, {args.device}); median of {args.repeats} after 2 warm-up updates. Copy bandwidth "
+              f"(copy_ of flat float32 buffers): {copy_bandwidth / 1e9:.1f} GB/s.\n\n")
     command = "python benchmarks/update_speed.py " + " ".join(sys.argv[1:])
     path = write_results(title, command.strip(), header + table, {"numel": numel, "results": results},
                          args.output_dir)
