@@ -163,15 +163,14 @@ class WeightAverager:
         }
         ranges = {name: [piece.start, piece.stop] for name, piece in zip(self.selection.names, self.selection.pieces)
                   if piece.numel}
-        if self.selection.is_distributed:
-            rank, world = sharding.distributed_world()
-            file_name = state_io.tensor_file_name(rank, world)
-            size = state_io.write_tensors(directory, file_name, tensors)
-            files = sharding.all_gather_objects({"file": file_name, "bytes": size, "ranges": ranges})
-        elif write_record:
-            file_name = state_io.tensor_file_name()
-            size = state_io.write_tensors(directory, file_name, tensors)
-            files = [{"file": file_name, "bytes": size, "ranges": ranges}]
+        distributed = self.selection.is_distributed
+        if not distributed and not write_record:
+            return  # an unsharded state is written whole by the process that writes the record
+        rank, world = sharding.distributed_world() if distributed else (0, 1)
+        file_name = state_io.tensor_file_name(rank, world)
+        size = state_io.write_tensors(directory, file_name, tensors)
+        entry = {"file": file_name, "bytes": size, "ranges": ranges}
+        files = sharding.all_gather_objects(entry) if distributed else [entry]
         if not write_record:
             return
         meta = {
