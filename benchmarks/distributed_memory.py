@@ -172,6 +172,7 @@ def worker(mib: int, repeats: int, scratch: Path) -> None:
         results[layout] = measure_layout(layout, mib, repeats, device, scratch)
         gc.collect()  # the layout's model and average are gone before the next one is built
     (scratch / f"rank{rank}.json").write_text(json.dumps({"device": str(device), "results": results}))
+    dist.barrier()  # a rank that tears gloo down while its peer still works can abort at exit
     dist.destroy_process_group()
 
 

@@ -53,9 +53,17 @@ def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main(mode: str, output_dir: str) -> None:
-    out = Path(output_dir)
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    try:
+        run(mode, Path(output_dir), dist.get_rank())
+        # Both ranks tear gloo down together: one that exits while its peer still works
+        # can abort in gloo's teardown even though all its work is done.
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run(mode: str, out: Path, rank: int) -> None:
     reference = build()
     model = shard(copy.deepcopy(reference), mode)
     if mode == "fsdp1_flat":  # one flat parameter per unit: refused, with the way out
@@ -63,7 +71,6 @@ def main(mode: str, output_dir: str) -> None:
             WeightAverager(model, EMA(SCHEDULE), parameters="all")
         except UnsupportedLayoutError as error:
             (out / f"rank{rank}-error.txt").write_text(str(error))
-        dist.destroy_process_group()
         return
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     averager = WeightAverager(model, EMA(SCHEDULE), parameters="all")
@@ -91,7 +98,6 @@ def main(mode: str, output_dir: str) -> None:
         save_file({k: v.contiguous() for k, v in gathered.items()}, str(out / "average.safetensors"))
         reference_average = dict(zip(unsharded.selection.names, unsharded.strategy.average()))
         save_file(reference_average, str(out / "reference.safetensors"))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
