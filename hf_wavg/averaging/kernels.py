@@ -8,7 +8,7 @@ converted in bounded chunks: peak temporary memory is ``chunk_bytes``, not a mod
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -65,25 +65,30 @@ def converted_chunks(
             yield [targets[i] for i in chunk], _as_float32_on([sources[i] for i in chunk], target_device)
 
 
+def _foreach_in_chunks(
+    op: Callable[[list[Tensor], list[Tensor]], None], targets: Sequence[Tensor], snapshot: Sequence[Tensor],
+    chunk_bytes: int,
+) -> None:
+    """Run ``op(targets, sources)`` over the converted chunks, one chunk alive at a time."""
+    for target_chunk, source_chunk in converted_chunks(targets, snapshot, chunk_bytes):
+        op(target_chunk, source_chunk)
+        del target_chunk, source_chunk  # free this chunk before the next one is converted
+
+
 def lerp_(averages: Sequence[Tensor], snapshot: Sequence[Tensor], weight: float, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
     """``avg += weight * (w - avg)`` for every pair, fused per device and dtype."""
-    for targets, sources in converted_chunks(averages, snapshot, chunk_bytes):
-        torch._foreach_lerp_(targets, sources, weight)
-        del targets, sources  # free this chunk before the next one is converted
+    _foreach_in_chunks(lambda targets, sources: torch._foreach_lerp_(targets, sources, weight),
+                       averages, snapshot, chunk_bytes)
 
 
 def copy_(averages: Sequence[Tensor], snapshot: Sequence[Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
     """``avg = w`` for every pair (first snapshot of a running average)."""
-    for targets, sources in converted_chunks(averages, snapshot, chunk_bytes):
-        torch._foreach_copy_(targets, sources)
-        del targets, sources
+    _foreach_in_chunks(torch._foreach_copy_, averages, snapshot, chunk_bytes)
 
 
 def add_(totals: Sequence[Tensor], snapshot: Sequence[Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
     """``total += w`` for every pair."""
-    for targets, sources in converted_chunks(totals, snapshot, chunk_bytes):
-        torch._foreach_add_(targets, sources)
-        del targets, sources
+    _foreach_in_chunks(torch._foreach_add_, totals, snapshot, chunk_bytes)
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
