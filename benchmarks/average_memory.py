@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, markdown_table, write_results  # noqa: E402
+from common import RESULTS, markdown_table, mib, write_results  # noqa: E402
 
 VARIANTS = (
     ("full", "full fine-tuning, MiniLM-L6 (float32)"),
@@ -109,10 +109,6 @@ def measure(variant: str, device_name: str) -> dict[str, Any]:
     }
 
 
-def mib(value: float) -> str:
-    return f"{value / 2**20:.1f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="the model on the GPU (peaks: device and host)")
@@ -137,10 +133,10 @@ def main() -> None:
 
         def peak(key: str) -> str:
             values = result[key]
-            shown = mib(values.get(where, values["host"]))
-            return shown + (f" (host {mib(values['host'])})" if args.gpu else "")
+            shown = mib(values.get(where, values["host"]), 1)
+            return shown + (f" (host {mib(values['host'], 1)})" if args.gpu else "")
 
-        rows.append([label, mib(result["model_bytes"]), mib(result["averaged_bytes"]), mib(result["state_bytes"]),
+        rows.append([label, mib(result["model_bytes"], 1), mib(result["averaged_bytes"], 1), mib(result["state_bytes"], 1),
                      result["state_device"].split(":")[0], peak("build_peak"), peak("update_peak"), peak("swap_peak")])
     peaks = "device" if args.gpu else "RSS"
     table = markdown_table(["variant", "model MiB", "averaged tensors MiB", "state MiB", "state on",

@@ -30,6 +30,11 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def mib(nbytes: float, digits: int = 0) -> str:
+    """``nbytes`` in MiB, for a table cell."""
+    return f"{nbytes / 2**20:.{digits}f}"
+
+
 def median_seconds(run: Callable[[], Any], repeats: int, warmup: int = 2, sync: Callable[[], None] | None = None) -> float:
     """Median wall time of ``run`` over ``repeats`` calls after ``warmup`` calls."""
     sync = sync or (lambda: None)

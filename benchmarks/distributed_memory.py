@@ -42,7 +42,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, markdown_table, median_seconds, write_results  # noqa: E402
+from common import RESULTS, markdown_table, median_seconds, mib, write_results  # noqa: E402
 
 from hf_wavg import EMA, WeightAverager  # noqa: E402
 from hf_wavg.posthoc.memory import use_fixed_mmap_threshold  # noqa: E402
@@ -56,9 +56,9 @@ WIDTH = 1024
 class Model(nn.Module):
     """An embedding holding a quarter of the weights (the largest tensor) and square layers."""
 
-    def __init__(self, mib: int) -> None:
+    def __init__(self, size_mib: int) -> None:
         super().__init__()
-        elements = mib * 2**20 // 4
+        elements = size_mib * 2**20 // 4
         self.embed = nn.Embedding(elements // 4 // WIDTH, WIDTH)
         layers = max(1, (elements - self.embed.weight.numel()) // (WIDTH * WIDTH + WIDTH))
         self.layers = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(layers))
@@ -99,9 +99,9 @@ def extra_peak(device: torch.device, operation: Callable[[], Any]) -> int:
     return read() - baseline
 
 
-def build(layout: str, mib: int, device: torch.device) -> tuple[nn.Module, WeightAverager]:
+def build(layout: str, size_mib: int, device: torch.device) -> tuple[nn.Module, WeightAverager]:
     torch.manual_seed(0)
-    model = Model(mib).to(device)
+    model = Model(size_mib).to(device)
     if layout == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
@@ -127,8 +127,8 @@ def consolidating_save(model: nn.Module, averager: WeightAverager, layout: str, 
     dist.barrier()
 
 
-def measure_layout(layout: str, mib: int, repeats: int, device: torch.device, scratch: Path) -> dict[str, Any]:
-    model, averager = build(layout, mib, device)
+def measure_layout(layout: str, size_mib: int, repeats: int, device: torch.device, scratch: Path) -> dict[str, Any]:
+    model, averager = build(layout, size_mib, device)
     world = dist.get_world_size()
     model_bytes = averager.selection.numel * 4
     with torch.no_grad():
@@ -158,7 +158,7 @@ def measure_layout(layout: str, mib: int, repeats: int, device: torch.device, sc
     return result
 
 
-def worker(mib: int, repeats: int, scratch: Path) -> None:
+def worker(size_mib: int, repeats: int, scratch: Path) -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     if device.type == "cuda":
@@ -169,7 +169,7 @@ def worker(mib: int, repeats: int, scratch: Path) -> None:
     rank = dist.get_rank()
     results = {}
     for layout, _ in LAYOUTS:
-        results[layout] = measure_layout(layout, mib, repeats, device, scratch)
+        results[layout] = measure_layout(layout, size_mib, repeats, device, scratch)
         gc.collect()  # the layout's model and average are gone before the next one is built
     (scratch / f"rank{rank}.json").write_text(json.dumps({"device": str(device), "results": results}))
     dist.barrier()  # a rank that tears gloo down while its peer still works can abort at exit
@@ -182,7 +182,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(world: int, mib: int, repeats: int, gpu: bool) -> list[dict[str, Any]]:
+def launch(world: int, size_mib: int, repeats: int, gpu: bool) -> list[dict[str, Any]]:
     """Run the worker in ``world`` processes; every rank's results."""
     scratch = Path(tempfile.mkdtemp(prefix="hf_wavg_dist_bench_"))
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
@@ -191,15 +191,11 @@ def launch(world: int, mib: int, repeats: int, gpu: bool) -> list[dict[str, Any]
     try:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
                         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, "--worker",
-                        "--mib", str(mib), "--repeats", str(repeats), "--scratch", str(scratch)],
+                        "--mib", str(size_mib), "--repeats", str(repeats), "--scratch", str(scratch)],
                        env=env, check=True)
         return [json.loads((scratch / f"rank{rank}.json").read_text()) for rank in range(world)]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def mib(value: float) -> str:
-    return f"{value / 2**20:.0f}"
 
 
 def main() -> None:
