@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, write_results  # noqa: E402
+from common import RESULTS, markdown_table, mib, write_results  # noqa: E402
 
 MEASURE = textwrap.dedent("""
     import json, sys, time
@@ -58,10 +58,10 @@ VARIANTS = (("cli", "hf-wavg average (CLI)"), ("library", "average_checkpoints()
             ("naive", "load all, torch.stack().mean(0)"))
 
 
-def make_checkpoints(root: Path, mib: int, count: int) -> list[Path]:
-    """``count`` float32 checkpoints of ``mib`` MiB; the largest tensor (an embedding) is 60%."""
+def make_checkpoints(root: Path, size_mib: int, count: int) -> list[Path]:
+    """``count`` float32 checkpoints of ``size_mib`` MiB; the largest tensor (an embedding) is 60%."""
     columns = 1024
-    rows = mib * 2**20 // 4 // columns
+    rows = size_mib * 2**20 // 4 // columns
     shapes = {"embed.weight": (int(rows * 0.6), columns), "layer.0.weight": (int(rows * 0.2), columns),
               "layer.1.weight": (rows - int(rows * 0.6) - int(rows * 0.2), columns), "layer.1.bias": (columns,)}
     folders = []
@@ -99,12 +99,12 @@ def main() -> None:
         for key, label in VARIANTS:
             result = measure(key, inputs, root / f"out-{key}")
             data["variants"][key] = result
-            rows.append([label, f"{result['peak_extra_bytes'] / 2**20:.0f}",
+            rows.append([label, mib(result['peak_extra_bytes']),
                          f"{result['peak_extra_bytes'] / size:.2f}x", f"{result['seconds']:.2f}"])
     finally:
         shutil.rmtree(root, ignore_errors=True)
     table = markdown_table(
-        [f"{args.checkpoints} checkpoints of {size / 2**20:.0f} MiB (float32)", "peak extra MiB",
+        [f"{args.checkpoints} checkpoints of {mib(size)} MiB (float32)", "peak extra MiB",
          "x one checkpoint", "seconds"], rows)
     print(table)
     write_results(f"posthoc_average-{args.mib}mib", f"python benchmarks/posthoc_average.py --mib {args.mib} "

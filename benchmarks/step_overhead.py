@@ -26,7 +26,7 @@ from transformers import TrainingArguments
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, median_seconds, write_results  # noqa: E402
+from common import RESULTS, markdown_table, median_seconds, mib, write_results  # noqa: E402
 
 from hf_wavg import WAvgConfig, WAvgTrainer  # noqa: E402
 from hf_wavg.demo.run import default_model_path  # noqa: E402
@@ -85,7 +85,7 @@ def main() -> None:
         ["Trainer (no averaging)", f"{plain_step * 1e3:.1f}", "1.000", "-", "-"],
         ["WAvgTrainer, EMA every step", f"{avg_step * 1e3:.1f}", f"{avg_step / plain_step:.3f}",
          f"{update * 1e3:.2f} ms ({100 * update / avg_step:.2f}% of the step)",
-         f"{memory / 2**20:.1f} MiB = {memory / model_bytes:.2f} x the fp32 parameters"],
+         f"{mib(memory, 1)} MiB = {memory / model_bytes:.2f} x the fp32 parameters"],
     ]
     table = markdown_table(["run", "ms / step (median)", "step-time ratio", "time in update()",
                             "averaged state"], rows)

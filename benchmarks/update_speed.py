@@ -32,7 +32,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, median_seconds, write_results  # noqa: E402
+from common import RESULTS, markdown_table, median_seconds, mib, write_results  # noqa: E402
 
 from hf_wavg import EMA, DecaySchedule, WeightAverager  # noqa: E402
 
@@ -201,7 +201,7 @@ def main() -> None:
             f"{result['seconds'] / bound:.2f}x",
             f"{result['seconds'] / ours:.2f}x",
             f"{100 * result['bandwidth_share']:.0f}%" if "bandwidth_share" in result else "-",
-            "-" if memory is None else f"{memory / 2**20:.0f} MiB ({memory / (numel * 4):.2f} x fp32 model)",
+            "-" if memory is None else f"{mib(memory)} MiB ({memory / (numel * 4):.2f} x fp32 model)",
         ])
     table = markdown_table(
         ["method", "ms / update (median)", "vs bound", "vs hf_wavg default", "bytes moved / s, % of copy_",
