@@ -206,7 +206,7 @@ def posthoc_benchmark():
 def test_hf_wavg_average_peak_memory_stays_under_one_and_a_half_checkpoints(tmp_path):
     # Four 64 MiB checkpoints whose largest tensor (an "embedding") is 60% of the total.
     benchmark = posthoc_benchmark()
-    folders = benchmark.make_checkpoints(tmp_path, mib=64, count=4)
+    folders = benchmark.make_checkpoints(tmp_path, size_mib=64, count=4)
     checkpoint_bytes = (folders[0] / "model.safetensors").stat().st_size
     peak = benchmark.measure("cli", folders, tmp_path / "avg")["peak_extra_bytes"]
     assert peak < 1.5 * checkpoint_bytes, f"peak {peak / 2**20:.1f} MiB for {checkpoint_bytes / 2**20:.1f} MiB checkpoints"
