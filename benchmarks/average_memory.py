@@ -17,6 +17,7 @@ import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, markdown_table, mib, write_results  # noqa: E402
+from common import RESULTS, markdown_table, mib, peak_tracker, require_peak_rss_reset, write_results  # noqa: E402
 
 VARIANTS = (
     ("full", "full fine-tuning, MiniLM-L6 (float32)"),
@@ -63,26 +64,14 @@ def measure(variant: str, device_name: str) -> dict[str, Any]:
     device = torch.device(device_name)
     use_fixed_mmap_threshold()
 
-    def host() -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmHWM")
+    trackers = {"host": peak_tracker(torch.device("cpu"))}
+    if device.type == "cuda":
+        trackers["device"] = peak_tracker(device)
 
-    def peaks(operation) -> dict[str, int]:  # noqa: ANN001
-        Path("/proc/self/clear_refs").write_text("5")
-        rss = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
-                   if line.startswith("VmRSS:"))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            allocated = torch.cuda.memory_allocated()
+    def peaks(operation: Callable[[], Any]) -> dict[str, int]:
+        baselines = {where: reset() for where, (reset, _) in trackers.items()}
         operation()
-        result = {"host": host() - rss}
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            result["device"] = torch.cuda.max_memory_allocated() - allocated
-        return result
+        return {where: read() - baselines[where] for where, (_, read) in trackers.items()}
 
     model, config = build(variant, device)
     holder: dict[str, Any] = {}
@@ -118,8 +107,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(*args.child)))
         return
-    if not Path("/proc/self/clear_refs").exists():
-        raise SystemExit("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    require_peak_rss_reset()
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("--gpu needs CUDA")
     device = "cuda" if args.gpu else "cpu"

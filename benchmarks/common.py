@@ -50,6 +50,45 @@ def median_seconds(run: Callable[[], Any], repeats: int, warmup: int = 2, sync: 
     return statistics.median(times)
 
 
+PEAK_RSS_RESET = Path("/proc/self/clear_refs")
+
+
+def require_peak_rss_reset() -> None:
+    """Stop with a message where the peak RSS cannot be reset (anything but Linux)."""
+    if not PEAK_RSS_RESET.exists():
+        raise SystemExit(f"needs Linux {PEAK_RSS_RESET} to reset the peak RSS")
+
+
+def _process_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_tracker(device: torch.device) -> tuple[Callable[[], int], Callable[[], int]]:
+    """``(reset, read)`` for memory on ``device``: ``reset()`` restarts the peak and returns the
+    memory in use, ``read()`` returns the peak since; both in bytes. On CPU the peak is the
+    process's peak RSS."""
+    if device.type == "cuda":
+        def reset() -> int:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+
+        def read() -> int:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+
+        return reset, read
+
+    def reset_rss() -> int:
+        PEAK_RSS_RESET.write_text("5")  # the kernel's peak RSS restarts from the current RSS
+        return _process_status_bytes("VmRSS")
+
+    return reset_rss, lambda: _process_status_bytes("VmHWM")
+
+
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -42,7 +42,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, markdown_table, median_seconds, mib, write_results  # noqa: E402
+from common import RESULTS, markdown_table, median_seconds, mib, peak_tracker, require_peak_rss_reset, write_results  # noqa: E402
 
 from hf_wavg import EMA, WeightAverager  # noqa: E402
 from hf_wavg.posthoc.memory import use_fixed_mmap_threshold  # noqa: E402
@@ -62,33 +62,6 @@ class Model(nn.Module):
         self.embed = nn.Embedding(elements // 4 // WIDTH, WIDTH)
         layers = max(1, (elements - self.embed.weight.numel()) // (WIDTH * WIDTH + WIDTH))
         self.layers = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(layers))
-
-
-def peak_tracker(device: torch.device) -> tuple[Callable[[], int], Callable[[], int]]:
-    """``(reset, read)``: reset the peak, then read the extra peak since the reset in bytes."""
-    if device.type == "cuda":
-        def reset() -> int:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            return torch.cuda.memory_allocated()
-
-        def read() -> int:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated()
-
-        return reset, read
-
-    def status(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError(f"/proc/self/status has no {field}")
-
-    def reset_rss() -> int:
-        Path("/proc/self/clear_refs").write_text("5")
-        return status("VmRSS")
-
-    return reset_rss, lambda: status("VmHWM")
 
 
 def extra_peak(device: torch.device, operation: Callable[[], Any]) -> int:
@@ -211,8 +184,8 @@ def main() -> None:
     if args.worker:
         worker(args.mib, args.repeats, args.scratch)
         return
-    if not args.gpu and not Path("/proc/self/clear_refs").exists():
-        raise SystemExit("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    if not args.gpu:
+        require_peak_rss_reset()
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("--gpu needs CUDA")
 

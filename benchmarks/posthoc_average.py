@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, mib, write_results  # noqa: E402
+from common import RESULTS, markdown_table, mib, require_peak_rss_reset, write_results  # noqa: E402
 
 MEASURE = textwrap.dedent("""
     import json, sys, time
@@ -88,8 +88,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=int, default=4)
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if not Path("/proc/self/clear_refs").exists():
-        raise SystemExit("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    require_peak_rss_reset()
 
     root = Path(tempfile.mkdtemp(prefix="hf_wavg_posthoc_bench_"))
     try:
