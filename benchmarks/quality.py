@@ -320,7 +320,7 @@ def seed_mean_interval(samples: list[np.ndarray]) -> tuple[float, float]:
     """95% percentile bootstrap interval of the mean over seeds of each seed's mean, resampling
     the examples (the same indices for every seed: they share one test set)."""
     result = stats.bootstrap(samples, _seed_mean, paired=True, vectorized=True, n_resamples=2000,
-                             confidence_level=0.95, method="percentile", random_state=np.random.default_rng(0))
+                             confidence_level=0.95, method="percentile", rng=np.random.default_rng(0))
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
@@ -358,6 +358,11 @@ def differences_table(per_seed: list[dict[str, Measured]], task: Task) -> tuple[
     return markdown_table(headers, rows), data
 
 
+def spread(values: list[float], ci_low: float = math.nan, ci_high: float = math.nan) -> dict[str, float]:
+    """Mean and standard deviation over seeds, with an interval where one was computed."""
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "ci_low": ci_low, "ci_high": ci_high}
+
+
 def summarize(per_seed: list[dict[str, Measured]], task: Task) -> dict[str, dict[str, dict[str, float]]]:
     """``summary[method][metric] = {mean, std, ci_low, ci_high}``."""
     summary: dict[str, dict[str, dict[str, float]]] = {}
@@ -367,18 +372,13 @@ def summarize(per_seed: list[dict[str, Measured]], task: Task) -> dict[str, dict
             continue
         entry: dict[str, dict[str, float]] = {}
         for test in task.tests:
-            values = [run.metrics[f"{test}/accuracy"] for run in runs]
-            low, high = accuracy_interval([run.correct[test] for run in runs])
-            entry[f"{test}/accuracy"] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
-                                         "ci_low": low, "ci_high": high}
+            entry[f"{test}/accuracy"] = spread([run.metrics[f"{test}/accuracy"] for run in runs],
+                                               *accuracy_interval([run.correct[test] for run in runs]))
         for key, _ in SAFETY_COLUMNS:
-            values = [run.metrics.get(key, math.nan) for run in runs]
-            entry[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
-                          "ci_low": float(np.mean([run.metrics.get(f"{key}_ci_low", math.nan) for run in runs])),
-                          "ci_high": float(np.mean([run.metrics.get(f"{key}_ci_high", math.nan) for run in runs]))}
-        entry["extra_seconds"] = {"mean": float(np.mean([run.seconds for run in runs])),
-                                  "std": float(np.std([run.seconds for run in runs])), "ci_low": math.nan,
-                                  "ci_high": math.nan}
+            entry[key] = spread([run.metrics.get(key, math.nan) for run in runs],
+                                float(np.mean([run.metrics.get(f"{key}_ci_low", math.nan) for run in runs])),
+                                float(np.mean([run.metrics.get(f"{key}_ci_high", math.nan) for run in runs])))
+        entry["extra_seconds"] = spread([run.seconds for run in runs])
         summary[method] = entry
     return summary
 
