@@ -1,5 +1,4 @@
-"""The greedy character attack, and the lexicons and counterfactuals it shares text
-handling with."""
+"""The lexicons and the counterfactuals built from them."""
 
 from __future__ import annotations
 
@@ -7,39 +6,8 @@ import unicodedata
 
 import pytest
 
-from hf_wavg.safety import CallableClassifier, available_languages, greedy_char_attack, load_lexicon, template_sets
+from hf_wavg.safety import available_languages, load_lexicon, template_sets
 from hf_wavg.safety.counterfactuals import text_counterfactuals
-from tests.safety_models import constant_model, keyword_model
-
-TEXTS = ["the film was excellent and moving", "an excellent cast", "excellent", "dull and long"]
-LABELS = [1, 1, 1, 0]
-
-
-def test_attack_breaks_a_one_word_model_within_budget() -> None:
-    classifier = CallableClassifier(keyword_model("excellent"))
-    results = greedy_char_attack(classifier, TEXTS, LABELS, query_budget=25)
-    assert [r.originally_correct for r in results] == [True, True, True, True]
-    assert [r.success for r in results[:3]] == [True, True, True]
-    for result in results[:3]:
-        assert "excellent" not in result.adversarial_text.split()
-        assert result.edited_words == 1
-    assert not results[3].success  # nothing turns a negative text positive here
-    assert all(r.queries <= 25 for r in results)
-
-
-def test_attack_fails_on_a_constant_model_and_respects_the_budget() -> None:
-    for budget in (1, 5, 17):
-        classifier = CallableClassifier(constant_model)
-        results = greedy_char_attack(classifier, TEXTS[:3], LABELS[:3], query_budget=budget)
-        assert not any(r.success for r in results)
-        assert all(r.queries <= budget for r in results)
-        # The classifier counts every distinct text it was asked about: an upper bound check.
-        assert classifier.num_queries <= budget * 3
-
-
-def test_misclassified_examples_are_not_attacked() -> None:
-    results = greedy_char_attack(CallableClassifier(constant_model), ["bad"], [0], query_budget=10)
-    assert not results[0].originally_correct and not results[0].success and results[0].queries == 1
 
 
 def test_seven_languages_in_their_own_scripts() -> None:
@@ -48,8 +16,9 @@ def test_seven_languages_in_their_own_scripts() -> None:
     assert set(scripts) <= set(available_languages())
     for language, script in scripts.items():
         lexicon = load_lexicon(language)
-        assert {"gender", "names", "religion"} <= set(lexicon.families)
+        assert {"gender", "names", "religion", "region"} <= set(lexicon.families)
         letters = [c for s in template_sets(lexicon) for t in s.variants.values() for c in t if c.isalpha()]
+        letters += [c for negator in lexicon.negators for c in negator if c.isalpha()]
         assert letters and all(script in unicodedata.name(c) for c in letters), language
 
 

@@ -1,11 +1,13 @@
 """Identity-term lexicons and sentence templates, one JSON file per language in ``lexicons/``.
 
-Each language has group families (``gender``, ``names``, ``religion``, ``region`` or
-``nationality``). A family's groups hold *aligned* term lists: the i-th term of every group
-fills the same slot of the same template, so a template gives one counterfactual set per
-aligned index. Names are aligned within a gender, so that swapping a name never breaks the
-sentence's gender agreement. Templates of gendered languages carry one text per gender, as
-in the Equity Evaluation Corpus.
+Each language has the group families ``gender``, ``names``, ``religion`` and ``region``,
+with the same groups in every language; all but Urdu add ``caste``, and English adds
+``names_us`` and ``nationality``. A family's groups hold *aligned* term lists: the i-th
+term of every group fills the same slot of the same template, so a template gives one
+counterfactual set per aligned index. Names are aligned within a gender, so that swapping
+a name never breaks the sentence's gender agreement. Templates of gendered languages carry
+one text per gender, as in the Equity Evaluation Corpus. An optional ``negators`` list
+names the words that carry negation in the language.
 """
 
 from __future__ import annotations
@@ -72,6 +74,16 @@ class Lexicon:
     grammatical_gender: bool
     families: dict[str, GroupFamily]
     templates: tuple[Template, ...]
+    # Words that carry negation ("not", "नहीं"): perturbations leave them alone, since
+    # editing one can flip the label.
+    negators: tuple[str, ...] = ()
+
+    def identity_terms(self) -> frozenset[str]:
+        """Every identity term of every family (casefolded), templates' and free text's."""
+        terms = {term for family in self.families.values() for by_gender in family.groups.values()
+                 for aligned in by_gender.values() for term in aligned}
+        terms |= {term for family in self.families.values() for aligned in family.free_text_groups.values() for term in aligned}
+        return frozenset(term.casefold() for term in terms)
 
 
 def available_languages() -> tuple[str, ...]:
@@ -93,7 +105,8 @@ def load_lexicon(language: str) -> Lexicon:
         )
         for spec in raw["templates"]
     )
-    return Lexicon(raw["language"], raw["name"], raw["script"], bool(raw["grammatical_gender"]), families, templates)
+    return Lexicon(raw["language"], raw["name"], raw["script"], bool(raw["grammatical_gender"]), families, templates,
+                   tuple(raw.get("negators", ())))
 
 
 def _family(name: str, spec: dict) -> GroupFamily:
