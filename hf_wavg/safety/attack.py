@@ -2,7 +2,10 @@
 DeepWordBug (Gao et al. 2018): rank words by leave-one-out importance, then edit the most
 important words one at a time (swap, substitute, delete or insert one grapheme cluster),
 keeping the edit that lowers the true class's probability most, until the prediction flips
-or the budget is spent. All examples advance in lockstep, so each step is one batch."""
+or the budget is spent. Ranking spends half the budget at most: a longer text ranks a
+random subset of its words, and its unranked words are tried after the ranked words that
+mattered, in random order, so that any word can be attacked. All examples advance in
+lockstep, so each step is one batch."""
 
 from __future__ import annotations
 
@@ -95,7 +98,7 @@ def greedy_char_attack(
         state.true_prob = float(row[state.label])
         state.done = not correct or not state.spans
 
-    _rank_words(classifier, states, query_budget)
+    _rank_words(classifier, states, query_budget, rng)
     while True:
         batch: list[tuple[_State, tuple[int, int], str]] = []
         for state in states:
@@ -139,23 +142,30 @@ def greedy_char_attack(
     ]
 
 
-def _rank_words(classifier: CachedClassifier, states: list[_State], query_budget: int) -> None:
-    """Leave-one-out importance of each word: the drop in the true class's probability when
-    it is deleted. Half the budget at most goes to ranking; later words stay unranked."""
-    requests: list[tuple[_State, int]] = []
-    for state in states:
-        if state.done:
-            continue
-        ranked = min(len(state.spans), max(0, (query_budget - 1) // 2))
-        requests.extend((state, i) for i in range(ranked))
-    if not requests:
-        return
-    texts = [replace_spans(s.text, {s.spans[i]: ""}) for s, i in requests]
-    probs = classifier.predict_proba(texts)
-    importance: dict[int, list[tuple[float, int]]] = {}
+def _rank_words(classifier: CachedClassifier, states: list[_State], query_budget: int, rng: random.Random) -> None:
+    """Set each state's attack order from the leave-one-out importance of its words: the
+    drop in the true class's probability when a word is deleted. Half the budget at most
+    goes to ranking, so a text with more words ranks a random subset of them. The order is
+    the ranked words whose deletion lowered that probability, most important first, then
+    the unranked words in random order, then the other ranked words: a word whose deletion
+    did not help is a worse bet than one never tried."""
+    share = max(0, (query_budget - 1) // 2)
+    active = [state for state in states if not state.done]
+    samples = [_sample(len(state.spans), share, rng) for state in active]
+    requests = [(state, i) for state, sample in zip(active, samples) for i in sample]
+    probs = classifier.predict_proba([replace_spans(s.text, {s.spans[i]: ""}) for s, i in requests])
+    importance: dict[int, dict[int, float]] = {id(state): {} for state in active}
     for (state, i), row in zip(requests, probs):
         state.queries += 1
-        importance.setdefault(id(state), []).append((state.true_prob - float(row[state.label]), i))
-    for state in states:
-        ranked = sorted(importance.get(id(state), []), key=lambda item: (-item[0], item[1]))
-        state.order = [i for _, i in ranked]
+        importance[id(state)][i] = state.true_prob - float(row[state.label])
+    for state in active:
+        scores = importance[id(state)]
+        unranked = [i for i in range(len(state.spans)) if i not in scores]
+        rng.shuffle(unranked)
+        ranked = sorted(scores, key=lambda i: (-scores[i], i))
+        state.order = [i for i in ranked if scores[i] > 0] + unranked + [i for i in ranked if scores[i] <= 0]
+
+
+def _sample(words: int, share: int, rng: random.Random) -> list[int]:
+    """The indices of the words to rank: all of them when they fit in ``share`` queries."""
+    return list(range(words)) if words <= share else rng.sample(range(words), share)

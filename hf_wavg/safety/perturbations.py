@@ -2,9 +2,11 @@
 
 Every perturbation edits whole words chosen at random (a share ``rate`` of the eligible
 words, at least one), never touches ``protected`` words (e.g. the words that carry the
-label), works on grapheme clusters so Indic syllables stay well formed, and is
-deterministic given ``seed``: the random generator is seeded from the seed, the family and
-the text, so results do not depend on call order.
+label) nor, by default, the negators and identity-term words of any lexicon language
+(editing "not" or "she" can change the label or the group a text speaks of), works on
+grapheme clusters so Indic syllables stay well formed, and is deterministic given
+``seed``: the random generator is seeded from the seed, the family and the text, so
+results do not depend on call order.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from hf_wavg.safety.text import char_names, graphemes, replace_spans, word_spans
+from hf_wavg.safety.lexicons import available_languages, load_lexicon
+from hf_wavg.safety.text import WORD, char_names, graphemes, replace_spans, word_spans
 
 KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
 KEYBOARD_NEIGHBOURS = {
@@ -36,6 +39,20 @@ CONFUSABLES = {
 }
 ZERO_WIDTH = ("\u200b", "\u200c", "\u200d", "\u2060")
 PUNCTUATION = "!?.,;:"
+# "didn't" is the words "didn" and "t": a word followed by one of these and "t" is a negator.
+APOSTROPHES = ("'", "\u2019")
+# Signs that writers of Brahmic scripts confuse, by Unicode name within one script: short
+# and long i and u, and anusvara with candrabindu; then e/ai and o/au, except in scripts
+# with short and long e and o (Tamil, Telugu and the other Dravidian scripts), where
+# e/ee and o/oo are the confusable pairs. A pair is skipped where a script lacks a sign.
+INDIC_SIGN_PAIRS = (("VOWEL SIGN I", "VOWEL SIGN II"), ("VOWEL SIGN U", "VOWEL SIGN UU"),
+                    ("SIGN ANUSVARA", "SIGN CANDRABINDU"))
+INDIC_E_O_PAIRS = (("VOWEL SIGN E", "VOWEL SIGN AI"), ("VOWEL SIGN O", "VOWEL SIGN AU"))
+DRAVIDIAN_E_O_PAIRS = (("VOWEL SIGN E", "VOWEL SIGN EE"), ("VOWEL SIGN O", "VOWEL SIGN OO"))
+# Signs a writer leaves out: a nukta (ड़→ड), or a halant, splitting a conjunct (विद्या→विदया).
+# Adding a halant is not a slip people make: it fuses two consonants into a conjunct
+# (कमल→क्मल) that neither typing nor phonetic input produces by accident.
+INDIC_DROPPABLE_SIGNS = ("SIGN NUKTA", "SIGN VIRAMA")
 
 WordEdit = Callable[[str, random.Random], str]
 
@@ -106,44 +123,50 @@ def _zero_width(word: str, rng: random.Random) -> str:
     return "".join(units[:i]) + rng.choice(ZERO_WIDTH) + "".join(units[i:])
 
 
-def _indic_edits(word: str) -> list[Callable[[random.Random], str]]:
-    """Spelling slips of Brahmic scripts: a vowel sign (matra) dropped or replaced by
-    another of the same script, a nukta dropped, a halant (virama) dropped or added."""
-    names = list(char_names(word))
-    edits: list[Callable[[random.Random], str]] = []
-    for i, (char, name) in enumerate(names):
-        if "VOWEL SIGN" in name:
-            edits.append(lambda rng, i=i: word[:i] + word[i + 1 :])
-            siblings = [sign for sign in _block_signs(ord(char) & ~0x7F)[0] if sign != char]
-            if siblings:
-                edits.append(lambda rng, i=i, s=siblings: word[:i] + rng.choice(s) + word[i + 1 :])
-        elif "SIGN NUKTA" in name or "SIGN VIRAMA" in name:
-            edits.append(lambda rng, i=i: word[:i] + word[i + 1 :])
-        elif "LETTER" in name and "VOWEL" not in name and _is_brahmic(char):
-            following = names[i + 1][1] if i + 1 < len(names) else ""
-            if "SIGN" not in following:
-                virama = _block_signs(ord(char) & ~0x7F)[1]
-                if virama:
-                    edits.append(lambda rng, i=i, v=virama: word[: i + 1] + v + word[i + 1 :])
-    return edits
+def _indic_variants(word: str) -> list[str]:
+    """Each spelling slip of a Brahmic-script ``word``: one vowel or nasal sign swapped with
+    its confusable pair, or one nukta or halant (virama) dropped. Vowel signs are never
+    dropped nor swapped freely: that makes other words (दिल→दल, खाना→खोना)."""
+    variants: list[str] = []
+    for i, (char, name) in enumerate(char_names(word)):
+        if " SIGN " not in name:
+            continue
+        partner = _confusable_signs(_script(name)).get(char)
+        if partner:
+            variants.append(word[:i] + partner + word[i + 1 :])
+        elif name.endswith(INDIC_DROPPABLE_SIGNS):
+            variants.append(word[:i] + word[i + 1 :])
+    return variants
+
+
+def _script(sign_name: str) -> str:
+    """The script of a sign from its Unicode name: "BENGALI VOWEL SIGN I" -> "BENGALI"."""
+    return sign_name.partition(" SIGN ")[0].removesuffix(" VOWEL")
 
 
 @lru_cache(maxsize=None)
-def _block_signs(block: int) -> tuple[tuple[str, ...], str | None]:
-    """The common vowel signs (offsets 0x3E-0x4C of every Brahmic block) and the virama of
-    the 128-code-point script block starting at ``block``; looked up once per script."""
-    names = {cp: unicodedata.name(chr(cp), "") for cp in range(block, block + 0x80)}
-    matras = tuple(chr(cp) for cp in range(block + 0x3E, block + 0x4D) if "VOWEL SIGN" in names[cp])
-    virama = next((chr(cp) for cp, name in names.items() if "SIGN VIRAMA" in name), None)
-    return matras, virama
+def _confusable_signs(script: str) -> dict[str, str]:
+    """Each sign of ``script`` that is confused with another, mapped to that other sign;
+    looked up once per script."""
+    # Scripts with short and long e (Tamil, Telugu) confuse e/ee and o/oo.
+    dravidian = all(_sign(script, name) for name in ("VOWEL SIGN E", "VOWEL SIGN EE"))
+    partners: dict[str, str] = {}
+    for first, second in INDIC_SIGN_PAIRS + (DRAVIDIAN_E_O_PAIRS if dravidian else INDIC_E_O_PAIRS):
+        a, b = _sign(script, first), _sign(script, second)
+        if a and b:
+            partners |= {a: b, b: a}
+    return partners
 
 
-def _is_brahmic(char: str) -> bool:
-    return 0x0900 <= ord(char) < 0x0E00
+def _sign(script: str, name: str) -> str | None:
+    try:
+        return unicodedata.lookup(f"{script} {name}")
+    except KeyError:
+        return None
 
 
 def _indic_noise(word: str, rng: random.Random) -> str:
-    return rng.choice(_indic_edits(word))(rng)
+    return rng.choice(_indic_variants(word))
 
 
 PERTURBATIONS: dict[str, Perturbation] = {
@@ -161,8 +184,9 @@ PERTURBATIONS: dict[str, Perturbation] = {
         Perturbation("confusables", "a Latin letter replaced by a Cyrillic or Greek look-alike", _confusable,
                      lambda w: any(c in CONFUSABLES for c in w)),
         Perturbation("zero_width", "a zero-width space, joiner or non-joiner inserted in a word", _zero_width),
-        Perturbation("indic_noise", "Brahmic-script slip: matra dropped or changed, nukta dropped, halant changed",
-                     _indic_noise, lambda w: bool(_indic_edits(w))),
+        Perturbation("indic_noise", "Brahmic-script slip: a vowel sign swapped with its confusable pair (i/ii, u/uu, "
+                     "e/ai or e/ee, o/au or o/oo) or anusvara with candrabindu, a nukta or halant dropped",
+                     _indic_noise, lambda w: bool(_indic_variants(w))),
     )
 }
 WHITESPACE_VARIANTS = ("  ", "\t", "\n", "   ")
@@ -175,9 +199,13 @@ def perturb(
     rate: float = 0.1,
     seed: int = 0,
     protected: Iterable[str] = (),
+    protect_negation_and_identity: bool = True,
 ) -> str:
     """``text`` with the perturbation ``family`` applied to a share ``rate`` of its words.
 
+    Words in ``protected`` are left alone, and so, unless ``protect_negation_and_identity``
+    is false, are the negators and identity-term words of every lexicon language
+    (:func:`default_protected_words`) and English negative contractions ("didn't").
     Returns ``text`` unchanged when no word is eligible (e.g. confusables on Devanagari);
     callers count such cases as not applicable.
     """
@@ -189,15 +217,44 @@ def perturb(
     if family == "whitespace":
         return _perturb_whitespace(text, rate, rng)
     perturbation = PERTURBATIONS[family]
-    protected_words = {word.casefold() for word in protected}
-    eligible = [
-        span for span in word_spans(text)
-        if text[span[0]:span[1]].casefold() not in protected_words and perturbation.applies_to(text[span[0]:span[1]])
-    ]
+    spans = word_spans(text)
+    kept = _protected_spans(text, spans, protected, protect_negation_and_identity)
+    eligible = [span for span in spans if span not in kept and perturbation.applies_to(text[span[0]:span[1]])]
     if not eligible:
         return text
     chosen = rng.sample(eligible, max(1, round(rate * len(eligible))))
     return replace_spans(text, {span: perturbation.edit_word(text[span[0]:span[1]], rng) for span in chosen})
+
+
+def _protected_spans(
+    text: str, spans: list[tuple[int, int]], protected: Iterable[str], negation_and_identity: bool
+) -> set[tuple[int, int]]:
+    """The spans of the words that ``perturb`` leaves alone."""
+    words = {word.casefold() for word in protected} | (default_protected_words() if negation_and_identity else set())
+    kept = {span for span in spans if text[span[0]:span[1]].casefold() in words}
+    return kept | _contraction_spans(text, spans) if negation_and_identity else kept
+
+
+@lru_cache(maxsize=None)
+def default_protected_words() -> frozenset[str]:
+    """The negators and the words of the identity terms of every lexicon language,
+    casefolded ("my brother" gives "my" and "brother"): editing them can flip the label or
+    hide the group a text speaks of."""
+    words: set[str] = set()
+    for language in available_languages():
+        lexicon = load_lexicon(language)
+        for phrase in (*lexicon.negators, *lexicon.identity_terms()):
+            words.update(WORD.findall(phrase.casefold()))
+    return frozenset(words)
+
+
+def _contraction_spans(text: str, spans: list[tuple[int, int]]) -> set[tuple[int, int]]:
+    """The stem and the "t" of each negative contraction ("didn't": "didn" and "t")."""
+    found: set[tuple[int, int]] = set()
+    for stem, tail in zip(spans, spans[1:]):
+        if text[stem[1]:tail[0]] in APOSTROPHES and text[tail[0]:tail[1]].casefold() == "t":
+            found |= {stem, tail}
+    return found
 
 
 def _perturb_whitespace(text: str, rate: float, rng: random.Random) -> str:
