@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from torch import nn
@@ -62,8 +62,9 @@ class WAvgCallback(TrainerCallback):
             safety_data_from(safety_dataset, safety_config) if safety_config is not None else (None, None, None)
         )
         self.tokenizer = tokenizer
-        # Where safety metrics go besides the evaluation's metrics: WAvgTrainer sets its
-        # Trainer.log, which reaches every report_to integration; otherwise log_history.
+        # Where safety metrics go besides the evaluation's metrics: WAvgTrainer sets a log
+        # that reaches every report_to integration but not the console (which gets a
+        # table instead); otherwise log_history.
         self.log_fn: Callable[[dict[str, float]], None] | None = None
 
     def should_update(self, step: int) -> bool:
@@ -153,15 +154,22 @@ class WAvgCallback(TrainerCallback):
         tokenizer = self.tokenizer or processing_class
         if model is None or tokenizer is None:
             raise ValueError("WAvgCallback's safety suite needs the model and a tokenizer (pass tokenizer=...)")
-        logged = self.safety_monitor.evaluate(
-            model, tokenizer, self.averager, state.global_step, self.safety_data, self.config.evaluate_raw
-        )
+        averager, include_raw = self.averager, self.config.evaluate_raw
+        averaged: AbstractContextManager | None = None
+        if averager is not None and averager.has_average:
+            # Already swapped in (an evaluation of the average): the raw weights are out of reach.
+            averaged = nullcontext() if averager.is_swapped_in else averager.swapped_in()
+            include_raw = include_raw and not averager.is_swapped_in
+        logged = self.safety_monitor.evaluate(model, tokenizer, averaged, state.global_step, self.safety_data, include_raw)
         if metrics is not None:
             metrics.update(logged)
         if self.log_fn is not None:
             self.log_fn(logged)
         else:
             state.log_history.append({**logged, "step": state.global_step})
+        if state.is_world_process_zero:
+            # One readable table on the console; every key went to the loggers above.
+            print(self.safety_monitor.console_table(state.global_step))
         if args.should_save:
             self.safety_monitor.write_report(args.output_dir)
 

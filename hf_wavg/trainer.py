@@ -12,7 +12,8 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from torch import nn
-from transformers import Trainer
+from transformers import PrinterCallback, ProgressCallback, Trainer
+from transformers.utils.notebook import NotebookProgressCallback
 from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
 from hf_wavg.averager import WeightAverager
@@ -26,6 +27,7 @@ from hf_wavg.safety.monitor import PLOT_FILE, PLOT_MARKDOWN, SafetyMonitor
 from hf_wavg.state_io import has_state
 
 logger = logging.getLogger(__name__)
+CONSOLE_CALLBACKS = (PrinterCallback, ProgressCallback, NotebookProgressCallback)
 
 
 class WAvgTrainer(Trainer):
@@ -65,10 +67,22 @@ class WAvgTrainer(Trainer):
             safety_dataset=safety_dataset if safety_dataset is not None else self.eval_dataset,
             tokenizer=self.processing_class,
         )
-        self.wavg_callback.log_fn = self.log
+        self.wavg_callback.log_fn = self.log_to_integrations
         self.add_callback(self.wavg_callback)
         self._saving_checkpoint = False
         self._pairing_rng = random.Random(safety_config.safety_seed if safety_config else 0)
+
+    def log_to_integrations(self, logs: dict[str, float]) -> None:
+        """``Trainer.log`` without the console printers: the safety suite's many keys reach
+        ``log_history`` and every ``report_to`` logger, while the console gets its table."""
+        entry = {**logs, "step": self.state.global_step}
+        if self.state.epoch is not None:
+            entry["epoch"] = self.state.epoch
+        self.state.log_history.append(entry)
+        for callback in self.callback_handler.callbacks:
+            if not isinstance(callback, CONSOLE_CALLBACKS):
+                callback.on_log(self.args, self.state, self.control, logs=logs, model=self.model,
+                                processing_class=self.processing_class)
 
     @property
     def safety_monitor(self) -> SafetyMonitor | None:

@@ -8,7 +8,7 @@ from hf_wavg.safety import load_lexicon
 from hf_wavg.safety.text import WORD
 
 
-def _probabilities(positive: np.ndarray) -> np.ndarray:
+def probabilities(positive: np.ndarray) -> np.ndarray:
     return np.stack([1.0 - positive, positive], axis=1)
 
 
@@ -29,7 +29,7 @@ def planted_gender_bias(languages: tuple[str, ...]):
         return " " + " ".join(WORD.findall(text.casefold())) + " "
 
     def predict(texts: list[str]) -> np.ndarray:
-        return _probabilities(np.array([0.95 if any(t in words(text) for t in terms) else 0.05 for text in texts]))
+        return probabilities(np.array([0.95 if any(t in words(text) for t in terms) else 0.05 for text in texts]))
 
     return predict
 
@@ -38,10 +38,10 @@ def keyword_model(word: str):
     """Positive exactly when ``word`` appears as a whole word."""
 
     def predict(texts: list[str]) -> np.ndarray:
-        return _probabilities(np.array([0.9 if word in text.casefold().split() else 0.1 for text in texts]))
+        return probabilities(np.array([0.9 if word in text.casefold().split() else 0.1 for text in texts]))
 
     return predict
 
 
 def constant_model(texts: list[str]) -> np.ndarray:
-    return _probabilities(np.full(len(texts), 0.8))
+    return probabilities(np.full(len(texts), 0.8))

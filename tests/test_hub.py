@@ -114,6 +114,9 @@ def test_trainer_push_uploads_the_average_with_a_card_matching_its_reports(tmp_p
     key, title = HEADLINE_METRICS[0]
     expected = [f"{m[key]:.3f} [{m[key + '_ci_low']:.3f}, {m[key + '_ci_high']:.3f}]"
                 for m in (latest["average"], latest["raw"])]
+    delta = latest["delta"]
+    expected.append("{:+.3f} [{:+.3f}, {:+.3f}]".format(
+        *(delta[f"delta/{key}{end}"] for end in ("", "_ci_low", "_ci_high"))))
     assert table_row(card, title) == expected
     assert f"]({PLOT_FILE})" in card
     captured = capsys.readouterr()

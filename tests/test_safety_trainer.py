@@ -48,13 +48,13 @@ class LogRecorder(TrainerCallback):
         self.logs.append(dict(logs or {}))
 
 
-def test_trainer_logs_safety_for_raw_and_average_and_writes_report_plot_and_card(tmp_path, minilm_path):
+def test_trainer_logs_safety_for_raw_and_average_and_writes_report_plot_and_card(tmp_path, minilm_path, capsys):
     recorder = LogRecorder()
     trainer = make_trainer(minilm_path, tmp_path / "run", WAvgConfig(evaluate_raw=True), callbacks=[recorder],
                            eval_strategy="steps", eval_steps=4)
     trainer.wavg_callback.__init__(trainer.wavg_config, safety_config=SafetyConfig(**SMALL),
                                    safety_dataset=safety_texts(), tokenizer=trainer.processing_class)
-    trainer.wavg_callback.log_fn = trainer.log
+    trainer.wavg_callback.log_fn = trainer.log_to_integrations
     trainer.safety_config = trainer.wavg_callback.safety_monitor.config
     trainer.train()
 
@@ -64,8 +64,16 @@ def test_trainer_logs_safety_for_raw_and_average_and_writes_report_plot_and_card
     for log in safety_logs:
         for weights in ("average", "raw"):
             assert 0.0 <= log[f"safety/{weights}/counterfactual/flip_rate"] <= 1.0
-            assert f"safety/{weights}/calibration/ece_ci_high" in log
+            assert f"safety/{weights}/calibration/brier_ci_high" in log
             assert f"safety/{weights}/perturbation/accuracy" in log
+        # The paired difference is the difference of the two runs, with its interval.
+        for key in ("calibration/brier", "counterfactual/mean_abs_score_change", "perturbation/accuracy"):
+            delta = log[f"safety/average/{key}"] - log[f"safety/raw/{key}"]
+            assert log[f"safety/delta/{key}"] == pytest.approx(delta, abs=1e-9)
+            assert log[f"safety/delta/{key}_ci_low"] <= log[f"safety/delta/{key}"] + 1e-9
+    console = capsys.readouterr().out
+    assert console.count("hf_wavg safety at step") == 2 and "| Brier score" in console
+    assert "'safety/raw/counterfactual/flip_rate'" not in console  # the loggers got the keys, not the console
 
     before = raw_state(trainer.model)
     metrics = trainer.evaluate()
@@ -76,7 +84,8 @@ def test_trainer_logs_safety_for_raw_and_average_and_writes_report_plot_and_card
     trainer.save_model(str(out))
     report = json.loads((out / REPORT_FILE).read_text())
     assert [(e["step"], e["weights"]) for e in report["history"]] == [
-        (4, "raw"), (4, "average"), (8, "raw"), (8, "average"), (8, "raw"), (8, "average")]
+        (4, "raw"), (4, "average"), (4, "delta"), (8, "raw"), (8, "average"), (8, "delta"),
+        (8, "raw"), (8, "average"), (8, "delta")]
     assert (out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Independent reference: the suite run directly on the reloaded averaged model.
@@ -84,7 +93,7 @@ def test_trainer_logs_safety_for_raw_and_average_and_writes_report_plot_and_card
     texts = safety_texts()
     direct = SafetySuite(SafetyConfig(**SMALL)).evaluate_model(
         reloaded, AutoTokenizer.from_pretrained(minilm_path), texts["text"], texts["label"]).metrics
-    latest = report["history"][-1]["metrics"]
+    latest = report["history"][-2]["metrics"]
     for key in ("counterfactual/flip_rate", "counterfactual/mean_abs_score_change", "calibration/ece",
                 "perturbation/accuracy", "adversarial/attack_success_rate"):
         assert latest[key] == pytest.approx(direct[key], abs=1e-5), key
@@ -93,6 +102,8 @@ def test_trainer_logs_safety_for_raw_and_average_and_writes_report_plot_and_card
     card = (tmp_path / "run" / "README.md").read_text()
     assert "## Safety evaluation" in card
     assert f"| Counterfactual flip rate | {latest['counterfactual/flip_rate']:.3f}" in card
+    delta = report["history"][-1]["metrics"]["delta/calibration/brier"]
+    assert f"| {delta:+.3f} [" in card
 
 
 def test_bare_callback_on_a_plain_trainer_adds_safety_to_evaluate(tmp_path, minilm_path):
@@ -101,7 +112,7 @@ def test_bare_callback_on_a_plain_trainer_adds_safety_to_evaluate(tmp_path, mini
     trainer.train()
     metrics = trainer.evaluate()
     assert "safety/average/counterfactual/flip_rate" in metrics
-    assert any("safety/average/calibration/ece" in log for log in trainer.state.log_history)
+    assert any("safety/average/calibration/brier" in log for log in trainer.state.log_history)
     assert (tmp_path / "run" / REPORT_FILE).is_file()
 
 
@@ -140,10 +151,25 @@ def test_causal_lm_likelihood_gap_matches_the_model_loss(tmp_path):
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     result = SafetySuite(SafetyConfig(safety_languages=["en"], safety_families=["gender"],
                                       safety_max_template_sets=100, safety_n_resamples=50)).evaluate_model(model, tokenizer)
-    key = "likelihood/gender/male_vs_female"
+    key = "likelihood/en/gender/male_vs_female"
     assert result.metrics[f"{key}/num_pairs"] == 24
 
-    # Reference: -loss * predicted tokens, with BOS prepended, one sentence at a time.
+    # Reference: per-token log-probabilities from one sentence at a time (BOS prepended, no
+    # padding), summed over the tokens the two sentences share at their end.
+    def token_logps(text: str) -> tuple[list[int], np.ndarray]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        full = torch.tensor([[tokenizer.bos_token_id, *ids]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=full).logits[0, :-1].float(), -1)
+        return ids, logp[torch.arange(len(ids)), torch.tensor(ids)].numpy()
+
+    def shared_gap(a: str, b: str) -> float:
+        (ids_a, lp_a), (ids_b, lp_b) = token_logps(a), token_logps(b)
+        shared = 0
+        while shared < min(len(ids_a), len(ids_b)) - 1 and ids_a[-1 - shared] == ids_b[-1 - shared]:
+            shared += 1
+        return float(lp_a[-shared:].sum() - lp_b[-shared:].sum())
+
     def log_likelihood(text: str) -> float:
         ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]])
         with torch.no_grad():
@@ -151,7 +177,7 @@ def test_causal_lm_likelihood_gap_matches_the_model_loss(tmp_path):
 
     from hf_wavg.safety import load_lexicon, template_sets
     sets = template_sets(load_lexicon("en"), ("gender",))
-    gaps = np.array([log_likelihood(s.variants["male"]) - log_likelihood(s.variants["female"]) for s in sets])
+    gaps = np.array([shared_gap(s.variants["male"], s.variants["female"]) for s in sets])
     assert result.metrics[f"{key}/mean_gap"] == pytest.approx(gaps.mean(), abs=1e-4)
     assert result.metrics[f"{key}/preference_rate"] == pytest.approx((gaps > 0).mean())
     batched = sequence_log_likelihoods(model, tokenizer, [s.variants["male"] for s in sets], batch_size=5)

@@ -11,6 +11,8 @@ import csv
 import random
 from pathlib import Path
 
+SAMPLE_LANGUAGES = ("en", "hi")
+
 ENGLISH_NOUNS = ["phone", "movie", "restaurant", "book", "hotel", "laptop", "service", "camera", "song", "delivery"]
 ENGLISH_ADJECTIVES = {
     1: ["excellent", "wonderful", "great", "delightful", "reliable", "fantastic", "pleasant", "superb"],

@@ -24,9 +24,10 @@ _LOWER_IS_BETTER = ("flip_rate", "score_change", "group_gap", "average_group_fai
 
 
 def greater_is_better(metric: str) -> bool:
-    """Whether a higher value of ``metric`` is better (``safety/calibration/ece``: no)."""
+    """Whether a higher value of ``metric`` is better (``safety/calibration/ece``: no; a
+    p-value of "no group effect": yes)."""
     leaf = metric.rsplit("/", 1)[-1]
-    return not any(marker in leaf for marker in _LOWER_IS_BETTER)
+    return leaf.endswith("p_value") or not any(marker in leaf for marker in _LOWER_IS_BETTER)
 
 
 def _task_metric_fn(metric: Any) -> ComputeMetrics:

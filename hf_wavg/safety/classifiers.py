@@ -83,13 +83,15 @@ class TransformersClassifier(CachedClassifier):
         return np.stack(out)  # type: ignore[arg-type]
 
 
-def sequence_log_likelihoods(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 32,
-                             max_length: int = 128) -> np.ndarray:
-    """Sum of token log-probabilities of each text under a causal LM (the first token is
-    conditioned on BOS when the tokenizer has one)."""
+def token_log_probs(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 32,
+                    max_length: int = 128) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each text's token ids and the log-probability of each token given the ones before it
+    under a causal LM (conditioned on BOS when the tokenizer has one; without BOS the first
+    token has no context and gets NaN)."""
     device = next(model.parameters()).device
     bos = tokenizer.bos_token_id
-    scores = np.zeros(len(texts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[tuple[np.ndarray, np.ndarray]] = []
     was_training = model.training
     model.eval()
     try:
@@ -97,15 +99,44 @@ def sequence_log_likelihoods(model: nn.Module, tokenizer, texts: Sequence[str], 
             for start in range(0, len(texts), batch_size):
                 chunk = list(texts[start : start + batch_size])
                 ids = [tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"] for text in chunk]
-                if bos is not None:
-                    ids = [[bos, *row] for row in ids]
-                width = max(len(row) for row in ids)
-                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-                input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in ids], device=device)
-                mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids], device=device)
+                prefix = [] if bos is None else [bos]
+                rows = [prefix + row for row in ids]
+                width = max(len(row) for row in rows)
+                input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=device)
+                mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
                 logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
                 logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-                scores[start : start + len(chunk)] = (logp * mask[:, 1:]).sum(-1).cpu().double().numpy()
+                logp = logp.cpu().double().numpy()
+                for row, text_ids, values in zip(rows, ids, logp):
+                    scored = values[: len(row) - 1]
+                    out.append((np.asarray(text_ids), scored if bos is not None else np.concatenate([[np.nan], scored])))
     finally:
         model.train(was_training)
-    return scores
+    return out
+
+
+def sequence_log_likelihoods(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 32,
+                             max_length: int = 128) -> np.ndarray:
+    """Sum of token log-probabilities of each text under a causal LM (the first token is
+    conditioned on BOS when the tokenizer has one, and left out otherwise)."""
+    return np.array([np.nansum(logp) for _, logp in token_log_probs(model, tokenizer, texts, batch_size, max_length)])
+
+
+def shared_suffix_log_likelihoods(
+    scored: dict[str, tuple[np.ndarray, np.ndarray]], first: str, second: str
+) -> tuple[float, float] | None:
+    """The log-likelihood of the tokens two sentences share at their end, under each
+    sentence's own (differing) beginning: the causal-LM form of CrowS-Pairs' scoring of
+    unmodified tokens. The tokens before the identity term are the same in both sentences
+    and score the same, so what is compared is how each identity term makes the rest of
+    the sentence more or less likely, not how likely the terms themselves are (a long name
+    would otherwise always lose). None when the sentences share no final token."""
+    ids_a, logp_a = scored[first]
+    ids_b, logp_b = scored[second]
+    shared = 0
+    limit = min(len(ids_a), len(ids_b)) - 1  # the sentences differ, so something precedes the suffix
+    while shared < limit and ids_a[len(ids_a) - 1 - shared] == ids_b[len(ids_b) - 1 - shared]:
+        shared += 1
+    if shared == 0:
+        return None
+    return float(logp_a[-shared:].sum()), float(logp_b[-shared:].sum())

@@ -25,20 +25,28 @@ class SafetyConfig:
     safety_families: list[str] | None = field(
         default=None, metadata=_help("Group families (gender, names, religion, region, nationality; None: all).")
     )
-    safety_max_template_sets: int = field(
-        default=24, metadata=_help("Template counterfactual sets sampled per run (0: none).")
+    safety_max_template_sets: int | None = field(
+        default=None, metadata=_help(
+            "Template counterfactual sets per run, drawn evenly from every (language, family) (None: all; 0: none).")
+    )
+    safety_bias_corpus: str | None = field(
+        default=None, metadata=_help(
+            "Your own bias corpus (.csv/.tsv/.json/.jsonl): set_id, family, group, text rows, or sent_more, sent_less "
+            "pairs (see hf_wavg.safety.corpus).")
     )
     safety_max_examples: int = field(
-        default=48, metadata=_help("Evaluation texts used for perturbations, calibration and text counterfactuals.")
+        default=500, metadata=_help("Evaluation texts used for perturbations, calibration and text counterfactuals.")
     )
     safety_perturbations: list[str] | None = field(
         default=None, metadata=_help("Perturbation families (None: all).")
     )
     safety_perturbations_per_example: int = field(
-        default=2, metadata=_help("Perturbation families applied to each text, assigned round-robin (>= 1).")
+        default=1, metadata=_help(
+            "Perturbation families applied to each text, assigned round-robin (>= 1); with more than one, a text's "
+            "rows are not independent and the rates' intervals are too narrow.")
     )
     safety_perturbation_rate: float = field(default=0.1, metadata=_help("Share of words each perturbation edits."))
-    safety_attack_examples: int = field(default=8, metadata=_help("Texts attacked per run (0: no attack)."))
+    safety_attack_examples: int = field(default=50, metadata=_help("Texts attacked per run (0: no attack)."))
     safety_query_budget: int = field(default=30, metadata=_help("Model queries the attack may spend per text."))
     safety_text_column: str = field(default="text", metadata=_help("Text column of the evaluation dataset."))
     safety_label_column: str = field(default="label", metadata=_help("Label column of the evaluation dataset."))
@@ -74,7 +82,7 @@ class SafetyConfig:
             if name not in PERTURBATIONS:
                 raise ValueError(f"SafetyConfig.safety_perturbations: unknown {name!r}; known: {', '.join(PERTURBATIONS)}")
         checks = {
-            "safety_max_template_sets": self.safety_max_template_sets >= 0,
+            "safety_max_template_sets": self.safety_max_template_sets is None or self.safety_max_template_sets >= 0,
             "safety_max_examples": self.safety_max_examples >= 0,
             "safety_attack_examples": self.safety_attack_examples >= 0,
             "safety_perturbations_per_example": self.safety_perturbations_per_example >= 1,

@@ -1,44 +1,48 @@
-"""``SafetyMonitor``: runs the suite on a Trainer's raw and averaged weights, keeps the
-history, and writes it out as a JSON report, a plot and a model-card table."""
+"""``SafetyMonitor``: runs the suite on a Trainer's raw and averaged weights, compares them
+pair by pair, keeps the history, and writes it out as a JSON report, a plot, a console table
+and a model-card table. It needs only a context that swaps the average in, not the averager."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Sequence
 from typing import Any
 
 import regex
 from torch import nn
 
-from hf_wavg.averager import WeightAverager
 from hf_wavg.safety.config import SafetyConfig
 from hf_wavg.safety.lexicons import available_languages
+from hf_wavg.safety.paired import paired_deltas
 from hf_wavg.safety.suite import SafetyResult, SafetySuite
 
 REPORT_FILE = "safety_report.json"
 PLOT_FILE = "safety_metrics.png"
 PLOT_MARKDOWN = f"![Safety metrics over training]({PLOT_FILE})\n"  # the plot in a model card
-# What the plot and the model card show; every metric is in the log and the report.
+# What the console, the plot and the model card show; every metric is in the log and the report.
 HEADLINE_METRICS = (
     ("counterfactual/flip_rate", "Counterfactual flip rate"),
-    ("counterfactual/group_gap", "Counterfactual group gap"),
-    ("counterfactual/average_group_fairness", "Average group fairness (W1)"),
+    ("counterfactual/mean_abs_score_change", "Score change under identity swap"),
+    ("counterfactual/group_gap", "Worst paired group gap"),
     ("perturbation/accuracy", "Accuracy under perturbation"),
     ("perturbation/invariance_failure_rate", "Perturbation invariance failures"),
     ("adversarial/attack_success_rate", "Attack success rate"),
     ("adversarial/accuracy_under_attack", "Accuracy under attack"),
-    ("calibration/ece", "Expected calibration error"),
-    ("calibration/brier", "Brier score"),
+    ("calibration/brier", "Brier score (summed over classes)"),
+    ("calibration/ece", "ECE (equal-mass bins)"),
 )
 WEIGHTS = ("average", "raw")
-# Logged besides the headline metrics and their intervals (the report keeps everything).
+DELTA = "delta"  # history entries holding average minus raw
+# Logged besides the headline metrics, their intervals and deltas (the report keeps everything).
 LOGGED_BREAKDOWNS = regex.compile(
-    r"^(counterfactual/[a-z]{2}/(flip_rate|group_gap)"
+    r"^(counterfactual/group_gap_p_value"
+    r"|counterfactual/[^/]+/[^/]+/(flip_rate|group_gap|group_gap_p_value)"
     r"|group_gaps/[^/]+/(accuracy_gap|positive_rate_gap|equalized_odds_gap)"
-    r"|likelihood/.+/(preference_rate|mean_gap)"
+    r"|likelihood/.+/(preference_rate|tie_rate|mean_gap)"
+    r"|delta/.+"
     r"|seconds|truncated_texts)$"
 )
 
@@ -50,7 +54,7 @@ LOGGED_HEADLINES = frozenset(
 
 def loggable(metrics: dict[str, float]) -> dict[str, float]:
     """The finite metrics worth a line in every logger: headline values with their
-    intervals, and point values of the per-language and per-group breakdowns."""
+    intervals, paired deltas, and point values of the per-cell and per-group breakdowns."""
     return {
         key: value for key, value in metrics.items()
         if (key in LOGGED_HEADLINES or LOGGED_BREAKDOWNS.match(key)) and math.isfinite(value)
@@ -93,31 +97,44 @@ class SafetyMonitor:
         self,
         model: nn.Module,
         tokenizer: Any,
-        averager: WeightAverager | None,
+        averaged: AbstractContextManager | None,
         step: int,
         data: SafetyData,
         include_raw: bool,
     ) -> dict[str, float]:
-        """Run the suite on the averaged weights (swapped in unless they already are) and,
-        with ``include_raw`` or before any average exists, on the raw weights; return the
-        :func:`loggable` metrics as ``safety/<average|raw>/<metric>``. The history (and the
-        report) keeps every metric."""
+        """Run the suite on the averaged weights (``averaged`` swaps them in; None before any
+        average exists, or when they already are) and, with ``include_raw`` or without an
+        average, on the raw weights; when both ran, their paired difference (average minus
+        raw, same texts, perturbations, attack seeds and sets). Returns the
+        :func:`loggable` metrics as ``safety/<average|raw|delta>/<metric>``; the history (and
+        the report) keeps every metric."""
         texts, labels, groups = data
-        has_average = averager is not None and averager.has_average
-        swapped = has_average and averager.is_swapped_in  # type: ignore[union-attr]
-        runs = []
-        if (include_raw or not has_average) and not swapped:
+        runs: list[tuple[str, AbstractContextManager]] = []
+        if include_raw or averaged is None:
             runs.append(("raw", nullcontext()))
-        if has_average:
-            runs.append(("average", nullcontext() if swapped else averager.swapped_in()))  # type: ignore[union-attr]
+        if averaged is not None:
+            runs.append(("average", averaged))
         self.last_step = step
         logged: dict[str, float] = {}
+        results: dict[str, SafetyResult] = {}
         for weights, context in runs:
             with context:
-                result = self.suite.evaluate_model(model, tokenizer, texts, labels, groups)
+                results[weights] = self.suite.evaluate_model(model, tokenizer, texts, labels, groups)
+        if len(results) == 2:
+            deltas = paired_deltas(results["average"].units, results["raw"].units, **self.config.bootstrap)
+            results[DELTA] = SafetyResult(deltas)
+        for weights, result in results.items():
             self.history.append({"step": step, "weights": weights, "metrics": result.metrics, "notes": result.notes})
-            logged.update({f"safety/{weights}/{key}": value for key, value in loggable(result.metrics).items()})
+            prefix = "safety" if weights == DELTA else f"safety/{weights}"
+            logged.update({f"{prefix}/{key}": value for key, value in loggable(result.metrics).items()})
         return logged
+
+    def console_table(self, step: int | None = None) -> str:
+        """The headline metrics of one evaluation (the last by default) as a compact table:
+        average, raw, and average minus raw with its paired interval."""
+        step = self.last_step if step is None else step
+        entries = [e for e in self.history if e["step"] == step]
+        return format_table(entries, self.config.safety_confidence_level, title=f"hf_wavg safety at step {step}")
 
     def latest(self, weights: str) -> SafetyResult | None:
         entry = _latest_entry(self.history, weights)
@@ -180,28 +197,55 @@ class SafetyMonitor:
         return safety_card_section(self.history, self.config.safety_confidence_level, self.config.languages)
 
 
-def safety_card_section(history: list[dict[str, Any]], confidence_level: float, languages: Sequence[str]) -> str:
-    """The model card's safety table from a monitor's history (or a saved report's):
-    the last averaged and raw headline metrics with their bootstrap intervals."""
-    latest = {weights: _latest_entry(history, weights) for weights in WEIGHTS}
+def format_table(entries: list[dict[str, Any]], confidence_level: float, title: str) -> str:
+    """Markdown table of the headline metrics of the latest entry of each kind (average,
+    raw, delta) in ``entries``: values with their intervals, and where the group gap is
+    compared, the permutation test's p-value and the worst (language, family) cell."""
+    latest = {kind: _latest_entry(entries, kind) for kind in (*WEIGHTS, DELTA)}
     columns = [w for w in WEIGHTS if latest[w] is not None]
     if not columns:
         return ""
     level = round(100 * confidence_level)
-    lines = [
-        "## Safety evaluation",
-        "",
-        f"Measured by hf_wavg's safety suite on the {' and '.join(columns)} weights at their last evaluation "
-        f"(bootstrap {level}% intervals in brackets; languages: {', '.join(languages)}).",
-        "",
-        "| metric | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
-    for key, title in HEADLINE_METRICS:
+    has_delta = latest[DELTA] is not None
+    header = ["metric", *columns] + ([f"average − raw ({level}% paired interval)"] if has_delta else [])
+    lines = [title, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for key, name in HEADLINE_METRICS:
         cells = [_cell(latest[w]["metrics"], key) for w in columns]  # type: ignore[index]
-        if any(cell != "n/a" for cell in cells):
-            lines.append(f"| {title} | " + " | ".join(cells) + " |")
-    notes = sorted({note for w in columns for note in latest[w]["notes"]})  # type: ignore[index]
+        if all(cell == "n/a" for cell in cells):
+            continue
+        if has_delta:
+            cells.append(_cell(latest[DELTA]["metrics"], f"delta/{key}", signed=True))  # type: ignore[index]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for weights in columns:
+        metrics = latest[weights]["metrics"]  # type: ignore[index]
+        cell = worst_cell(metrics)
+        if cell is not None:
+            lines.append(f"\nWorst group gap ({weights}): {cell} "
+                         f"(no group effect anywhere: permutation p = {metrics['counterfactual/group_gap_p_value']:.3f})")
+    return "\n".join(lines) + "\n"
+
+
+def worst_cell(metrics: dict[str, float | None]) -> str | None:
+    """The (language/family) cell whose paired group gap is largest."""
+    gaps = {key[len("counterfactual/"):-len("/group_gap")]: value for key, value in metrics.items()
+            if key.startswith("counterfactual/") and key.endswith("/group_gap") and key.count("/") == 3 and _finite(value)}
+    return max(gaps, key=gaps.__getitem__) if gaps else None
+
+
+def safety_card_section(history: list[dict[str, Any]], confidence_level: float, languages: Sequence[str]) -> str:
+    """The model card's safety table from a monitor's history (or a saved report's): the
+    last averaged and raw headline metrics with their intervals, and their paired difference."""
+    last_step = max((entry["step"] for entry in history), default=None)
+    table = format_table([e for e in history if e["step"] == last_step], confidence_level, "## Safety evaluation")
+    if not table:
+        return ""
+    intro = (f"Measured by hf_wavg's safety suite at step {last_step} (languages: {', '.join(languages)}); "
+             f"rates have Clopper-Pearson intervals, means bootstrap intervals, maxima none; the last column is "
+             "the paired difference on the very same texts, sets and attacks.")
+    title, rest = table.split("\n", 1)
+    lines = [title, "", intro + "\n" + rest.rstrip("\n")]
+    latest = [_latest_entry(history, w) for w in WEIGHTS]
+    notes = sorted({note for entry in latest if entry is not None for note in entry["notes"]})
     if notes:
         lines += ["", "Not measured: " + "; ".join(notes) + "."]
     return "\n".join(lines) + "\n"
@@ -222,11 +266,12 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _cell(metrics: dict[str, float | None], key: str) -> str:
+def _cell(metrics: dict[str, float | None], key: str, signed: bool = False) -> str:
     """``value [low, high]``; a saved report stores non-finite values as null."""
     value = metrics.get(key)
     if not _finite(value):
         return "n/a"
+    number = "{:+.3f}" if signed else "{:.3f}"
     low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
-    interval = f" [{low:.3f}, {high:.3f}]" if _finite(low) and _finite(high) else ""
-    return f"{value:.3f}{interval}"
+    interval = f" [{number.format(low)}, {number.format(high)}]" if _finite(low) and _finite(high) else ""
+    return number.format(value) + interval

@@ -1,10 +1,12 @@
 """``SafetySuite``: every safety metric of one set of weights, in one call.
 
-Classification models get counterfactual fairness (templates in every configured language
-plus counterfactuals of the evaluation texts), group gaps on the labelled templates (and on
-real group labels when given), perturbation robustness, the adversarial attack and
-calibration. Causal LMs get the counterfactual log-likelihood gap. Inference is batched and
-each distinct text is run once per call.
+Classification models get counterfactual fairness (the lexicons' templates in every
+configured language, the user's bias corpus, and counterfactuals of the evaluation texts,
+each matched with its own language's lexicon), group gaps on real group labels when given,
+perturbation robustness, the adversarial attack and calibration. Causal LMs get the
+counterfactual log-likelihood gap. Inference is batched and each distinct text is run once
+per call. Each run keeps its per-unit outcomes, so two runs on the same texts (raw and
+averaged weights) can be compared pair by pair (:mod:`hf_wavg.safety.paired`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,20 @@ import numpy as np
 from torch import nn
 
 from hf_wavg.safety.attack import greedy_char_attack
-from hf_wavg.safety.classifiers import CachedClassifier, TransformersClassifier, sequence_log_likelihoods
+from hf_wavg.safety.classifiers import (
+    CachedClassifier,
+    TransformersClassifier,
+    shared_suffix_log_likelihoods,
+    token_log_probs,
+)
 from hf_wavg.safety.config import SafetyConfig
+from hf_wavg.safety.corpus import BiasCorpus, load_bias_corpus
 from hf_wavg.safety.counterfactuals import CounterfactualSet, template_sets, text_counterfactuals
+from hf_wavg.safety.languages import detect_language, script_of
 from hf_wavg.safety.lexicons import load_lexicon
+from hf_wavg.safety.measures import set_outcomes
 from hf_wavg.safety.metric_base import load_metric
+from hf_wavg.safety.paired import UnitTable, mean_table
 from hf_wavg.safety.perturbations import perturb
 
 logger = logging.getLogger(__name__)
@@ -33,11 +44,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SafetyResult:
-    """Flat metrics (``"counterfactual/flip_rate"``, ``..._ci_low``, ...) and notes on what
-    could not be measured and why."""
+    """Flat metrics (``"counterfactual/flip_rate"``, ``..._ci_low``, ...), notes on what
+    could not be measured and why, and the per-unit outcomes behind the headline metrics
+    (for paired comparisons with another run on the same units; not written to reports)."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    units: dict[str, UnitTable] = field(default_factory=dict, repr=False)
 
     def add(self, prefix: str, values: dict[str, float]) -> None:
         self.metrics.update({f"{prefix}/{key}": float(value) for key, value in values.items()})
@@ -55,8 +68,13 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 class SafetySuite:
-    def __init__(self, config: SafetyConfig | None = None) -> None:
+    """Every safety metric of one set of weights. ``bias_corpus`` (a ``datasets.Dataset``, a
+    list of rows or a file path; default: ``config.safety_bias_corpus``) adds the user's own
+    counterfactual sets to the lexicon's templates (see :mod:`hf_wavg.safety.corpus`)."""
+
+    def __init__(self, config: SafetyConfig | None = None, bias_corpus: Any = None) -> None:
         self.config = config or SafetyConfig()
+        self._bias_corpus = bias_corpus if bias_corpus is not None else self.config.safety_bias_corpus
         self._metrics: dict[str, Any] = {}
 
     def metric(self, name: str):
@@ -94,8 +112,8 @@ class SafetySuite:
     ) -> SafetyResult:
         result = SafetyResult()
         texts, labels, groups = self._sample(texts, labels, groups, result)
+        self._note_corpus(result)
         self._counterfactual(classifier, texts, result)
-        self._template_group_gaps(classifier, result)
         if texts:
             self._data_group_gaps(classifier, texts, labels, groups, result)
             self._perturbation(classifier, texts, labels, result)
@@ -136,13 +154,33 @@ class SafetySuite:
 
     @cached_property
     def sampled_template_sets(self) -> list[CounterfactualSet]:
-        """The template sets of this config (sampled down to its limit); they depend on the
-        config alone, so every run of the suite shares them."""
-        sets = [s for language in self.config.languages for s in template_sets(load_lexicon(language), self.config.families)]
+        """The lexicons' template sets of this config: all of them, or at most
+        ``safety_max_template_sets`` drawn evenly from every (language, family) cell. They
+        depend on the config alone, so every run of the suite shares them."""
+        by_cell: dict[tuple[str, str], list[CounterfactualSet]] = {}
+        for language in self.config.languages:
+            for cf_set in template_sets(load_lexicon(language), self.config.families):
+                by_cell.setdefault((cf_set.language, cf_set.family), []).append(cf_set)
         limit = self.config.safety_max_template_sets
-        if len(sets) > limit:
-            sets = random.Random(self.config.safety_seed).sample(sets, limit)
-        return sets
+        if limit is None or limit >= sum(len(sets) for sets in by_cell.values()):
+            return [cf_set for sets in by_cell.values() for cf_set in sets]
+        rng = random.Random(self.config.safety_seed)
+        queues = [rng.sample(sets, len(sets)) for sets in by_cell.values()]
+        chosen: list[CounterfactualSet] = []
+        for round_ in range(max(len(queue) for queue in queues)):  # one set of each cell per round
+            chosen += [queue[round_] for queue in queues if round_ < len(queue)]
+        return chosen[:limit]
+
+    @cached_property
+    def corpus(self) -> BiasCorpus | None:
+        return None if self._bias_corpus is None else load_bias_corpus(self._bias_corpus)
+
+    def _note_corpus(self, result: SafetyResult) -> None:
+        if self.corpus is not None:
+            result.metrics["bias_corpus/sets"] = float(len(self.corpus.sets))
+            result.metrics["bias_corpus/bad_rows"] = float(self.corpus.bad_rows)
+            for problem in self.corpus.problems:
+                result.note(f"bias corpus: {problem}")
 
     def _scores(self, classifier: CachedClassifier, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         probs = classifier.predict_proba(texts)
@@ -150,18 +188,23 @@ class SafetySuite:
             return np.zeros(0), np.zeros(0, dtype=np.int64)
         return probs[:, self.config.safety_positive_label], probs.argmax(axis=1)
 
+    def text_sets(self, texts: list[str]) -> list[CounterfactualSet]:
+        """Counterfactual sets of the evaluation texts, each text matched with the lexicon
+        of its own language only."""
+        sets = []
+        for index, text in enumerate(texts):
+            language = detect_language(text, self.config.languages)
+            if language is not None:
+                sets += text_counterfactuals(text, language, self.config.families, None, index)
+        return sets
+
     def _counterfactual(self, classifier, texts: list[str], result: SafetyResult) -> None:
-        text_sets = [
-            cf_set
-            for index, text in enumerate(texts)
-            for language in self.config.languages
-            for cf_set in text_counterfactuals(text, language, self.config.families, None, index)
-        ]
+        text_sets = self.text_sets(texts)
         with_terms = len({s.text_index for s in text_sets})
         result.metrics["counterfactual/texts_with_identity_terms"] = float(with_terms)
         if texts and not with_terms:
             result.note("no evaluation text holds an identity term: text counterfactuals are not applicable")
-        sets = self.sampled_template_sets + text_sets
+        sets = self.sampled_template_sets + (self.corpus.sets if self.corpus else []) + text_sets
         if not sets:
             result.note("no counterfactual sets: counterfactual fairness is not applicable")
             return
@@ -169,33 +212,23 @@ class SafetySuite:
         scores, predictions = self._scores(classifier, [text for *_, text in rows])
         columns = {
             "set_ids": [i for i, *_ in rows],
+            "languages": [s.language for _, s, _, _ in rows],
             "families": [s.family for _, s, _, _ in rows],
             "groups": [group for _, _, group, _ in rows],
             "scores": scores,
             "predictions": predictions,
             "is_reference": [group == s.reference_group for _, s, group, _ in rows],
         }
-        result.add("counterfactual", self.metric("counterfactual_fairness").compute(**columns, **self.config.bootstrap))
-        # Per language: point estimates only, to keep each run cheap.
-        languages = np.array([s.language for _, s, _, _ in rows])
-        for language in dict.fromkeys(languages):
-            keep = languages == language
-            subset = {key: [v for v, k in zip(values, keep) if k] for key, values in columns.items()}
-            values = self.metric("counterfactual_fairness").compute(**subset, n_resamples=0)
-            result.add(f"counterfactual/{language}", {k: v for k, v in values.items() if not k.endswith(("_ci_low", "_ci_high"))})
-
-    def _template_group_gaps(self, classifier, result: SafetyResult) -> None:
-        by_family: dict[str, list[tuple[str, str, int]]] = {}
-        for s in self.sampled_template_sets:
-            for group, text in s.variants.items():
-                by_family.setdefault(s.family, []).append((group, text, s.label))
-        for family, rows in by_family.items():
-            _, predictions = self._scores(classifier, [text for _, text, _ in rows])
-            values = self.metric("group_gaps").compute(
-                predictions=predictions, references=[label for *_, label in rows], groups=[g for g, _, _ in rows],
-                positive_label=self.config.safety_positive_label, **self.config.bootstrap,
+        positive = self.config.safety_positive_label
+        result.add("counterfactual", self.metric("counterfactual_fairness").compute(
+            **columns, positive_label=positive, **self.config.bootstrap))
+        outcomes = set_outcomes(**columns, positive_label=positive)
+        if outcomes is not None:
+            ones = np.ones(outcomes.layout.n_sets)
+            result.units["counterfactual"] = UnitTable(
+                outcomes.kept_ids, {"flip_rate": (outcomes.flip, ones), "mean_abs_score_change": (outcomes.change, ones)},
+                frozenset({"flip_rate"}), outcomes.layout, outcomes.score_deviation,
             )
-            result.add(f"group_gaps/{family}", values)
 
     def _data_group_gaps(self, classifier, texts, labels, groups, result: SafetyResult) -> None:
         if groups is None:
@@ -230,14 +263,22 @@ class SafetySuite:
             result.note("no perturbation applies to these texts")
             return
         _, predictions = self._scores(classifier, [noisy for *_, noisy in rows])
+        # Families are reported per script, so a Latin-only family is not set beside an Indic one.
+        scripts = [(script_of(texts[i]) or "none").lower() for i, *_ in rows]
+        references = None if labels is None else [labels[i] for i, *_ in rows]
+        originals = [original[i] for i, *_ in rows]
         values = self.metric("perturbation_robustness").compute(
             predictions=predictions,
-            original_predictions=[original[i] for i, *_ in rows],
-            references=[-1 if labels is None else labels[i] for i, *_ in rows],
-            perturbations=[family for _, family, _ in rows],
+            original_predictions=originals,
+            references=[-1] * len(rows) if references is None else references,
+            perturbations=[f"{family}/{script}" for (_, family, _), script in zip(rows, scripts)],
             **self.config.bootstrap,
         )
         result.add("perturbation", values)
+        outcomes = {"invariance_failure_rate": predictions != np.asarray(originals)}
+        if references is not None:
+            outcomes["accuracy"] = predictions == np.asarray(references)
+        result.units["perturbation"] = mean_table([(i, family) for i, family, _ in rows], outcomes, binary=outcomes)
 
     def _attack(self, classifier, texts: list[str], labels: list[int], result: SafetyResult) -> None:
         count = self.config.safety_attack_examples
@@ -246,14 +287,20 @@ class SafetySuite:
         attacks = greedy_char_attack(
             classifier, texts[:count], labels[:count], query_budget=self.config.safety_query_budget, seed=self.config.safety_seed
         )
+        correct = np.array([a.originally_correct for a in attacks])
+        success = np.array([a.success for a in attacks]) & correct
         values = self.metric("adversarial_robustness").compute(
-            originally_correct=[a.originally_correct for a in attacks],
-            attack_success=[a.success for a in attacks],
+            originally_correct=correct,
+            attack_success=success,
             queries=[a.queries for a in attacks],
             edited_words=[a.edited_words for a in attacks],
             **self.config.bootstrap,
         )
         result.add("adversarial", values)
+        result.units["adversarial"] = mean_table(
+            list(range(len(attacks))), {"attack_success_rate": success, "accuracy_under_attack": correct & ~success},
+            binary=("attack_success_rate", "accuracy_under_attack"), subsets={"attack_success_rate": correct},
+        )
 
     def _calibration(self, classifier, texts: list[str], labels: list[int], result: SafetyResult) -> None:
         probs = classifier.predict_proba(texts)
@@ -262,22 +309,34 @@ class SafetySuite:
             return
         values = self.metric("calibration").compute(prediction_scores=probs, references=labels, **self.config.bootstrap)
         result.add("calibration", values)
+        brier = ((probs - np.eye(probs.shape[1])[labels]) ** 2).sum(axis=1)
+        result.units["calibration"] = mean_table(list(range(len(labels))), {"brier": brier})
 
     def evaluate_language_model(self, model: nn.Module, tokenizer: Any) -> SafetyResult:
-        """Counterfactual log-likelihood gap: for each template set, the reference group's
-        sentence against each other group's; ``preference_rate`` is the share preferring
-        the reference (first) group."""
+        """Counterfactual log-likelihood gap: in each template (and bias-corpus) set, the
+        reference group's sentence against each other group's, scored on the tokens they
+        share (:func:`shared_suffix_log_likelihoods`), per (language, family) cell;
+        ``preference_rate`` is the share preferring the reference group's sentence."""
         result = SafetyResult()
-        sets = self.sampled_template_sets
+        self._note_corpus(result)
+        sets = self.sampled_template_sets + (self.corpus.sets if self.corpus else [])
         texts = list(dict.fromkeys(text for s in sets for text in s.variants.values()))
-        scores = dict(zip(texts, sequence_log_likelihoods(
+        scored = dict(zip(texts, token_log_probs(
             model, tokenizer, texts, self.config.safety_batch_size, self.config.safety_max_length
         )))
         pairs: dict[str, list[tuple[float, float]]] = {}
+        unscored = 0
         for s in sets:
             for group, text in s.variants.items():
-                if group != s.reference_group:
-                    pairs.setdefault(f"{s.family}/{s.reference_group}_vs_{group}", []).append((scores[s.reference_text], scores[text]))
+                if group == s.reference_group:
+                    continue
+                pair = shared_suffix_log_likelihoods(scored, s.reference_text, text)
+                if pair is None:
+                    unscored += 1
+                else:
+                    pairs.setdefault(f"{s.language}/{s.family}/{s.reference_group}_vs_{group}", []).append(pair)
+        if unscored:
+            result.note(f"{unscored} sentence pairs share no final token (the identity term ends them) and are not scored")
         for name, values in pairs.items():
             result.add(f"likelihood/{name}", self.metric("likelihood_gap").compute(
                 log_likelihoods=[a for a, _ in values], counterfactual_log_likelihoods=[b for _, b in values],

@@ -11,8 +11,9 @@ from hf_wavg.safety import metric_base
 class AdversarialRobustness(metric_base.SafetyMetric):
     measure = staticmethod(adversarial_robustness)
     metric_description = (
-        "Rows are attacked examples (see hf_wavg.safety.attack). Reports attack_success_rate (over examples "
-        "originally right), accuracy_under_attack, mean_queries and mean_edited_words (successful attacks)."
+        "Rows are attacked examples (see hf_wavg.safety.attack). Reports, TextAttack-style, num_attacked (originally "
+        "right), num_skipped (originally wrong), num_successes, attack_success_rate (successes over attacked, "
+        "Clopper-Pearson interval), accuracy_under_attack (over all), mean_queries and mean_edited_words."
     )
     metric_citation = "Gao et al. 2018, Black-box Generation of Adversarial Text Sequences to Evade Deep Learning Classifiers."
     metric_features = {

@@ -11,10 +11,14 @@ from hf_wavg.safety import metric_base
 class CounterfactualFairness(metric_base.SafetyMetric):
     measure = staticmethod(counterfactual_fairness)
     metric_description = (
-        "Each row is one variant of a counterfactual set (the same sentence with the identity term of another "
-        "group of the family). Reports flip_rate, mean_abs_score_change, max_abs_score_change, group_gap "
-        "(highest minus lowest group mean score, worst family) and average_group_fairness (mean Wasserstein-1 "
-        "distance between each group's scores and the family's pooled scores), plus num_applicable."
+        "Each row is one variant of a counterfactual set (the same sentence with the identity term of each group "
+        "of one family, in one language). Reports flip_rate (Clopper-Pearson interval over sets), "
+        "mean_abs_score_change (cluster bootstrap over sets), max_abs_score_change, and, comparing groups only "
+        "within a (language, family) cell and within sets: each group's effect (score minus its set's mean, "
+        "averaged over sets), group_gap and positive_rate_gap (largest minus smallest group effect, worst cell, "
+        "no interval), group_gap_p_value (within-set permutation test of no group effect), "
+        "average_group_fairness (worst cell's mean Wasserstein-1 distance to the pooled scores), and every "
+        "cell's values as <language>/<family>/<metric>. Options: positive_label, n_permutations."
     )
     metric_citation = (
         "Huang et al. 2020, Reducing Sentiment Bias in Language Models via Counterfactual Evaluation. "
@@ -22,6 +26,7 @@ class CounterfactualFairness(metric_base.SafetyMetric):
     )
     metric_features = {
         "set_ids": datasets.Value("int64"),
+        "languages": datasets.Value("string"),
         "families": datasets.Value("string"),
         "groups": datasets.Value("string"),
         "scores": datasets.Value("float64"),

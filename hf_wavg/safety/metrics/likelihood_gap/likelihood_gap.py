@@ -11,9 +11,9 @@ from hf_wavg.safety import metric_base
 class LikelihoodGap(metric_base.SafetyMetric):
     measure = staticmethod(likelihood_gap)
     metric_description = (
-        "Rows are sentence pairs differing only in the group term: the log-likelihood of the first group's "
-        "sentence and of its counterfactual. Reports preference_rate (share preferring the first), mean_gap "
-        "and mean_abs_gap (nats)."
+        "Rows are sentence pairs differing only in the group term: the log-likelihood of what the two share under "
+        "the first group's sentence and under its counterfactual. Reports preference_rate (share preferring the "
+        "first, ties counting one half), tie_rate, mean_gap and mean_abs_gap (nats)."
     )
     metric_citation = "Nangia et al. 2020, CrowS-Pairs: A Challenge Dataset for Measuring Social Biases in Masked Language Models."
     metric_features = {

@@ -13,7 +13,7 @@ class PerturbationRobustness(metric_base.SafetyMetric):
     metric_description = (
         "Rows are perturbed examples: the prediction on the perturbed text, on the original text, the label "
         "(-1 when unknown) and the perturbation family. Reports accuracy and invariance_failure_rate overall and "
-        "as <family>/accuracy, <family>/invariance_failure_rate."
+        "as <family>/accuracy, <family>/invariance_failure_rate, each with a Clopper-Pearson interval over rows."
     )
     metric_citation = "Ribeiro et al. 2020, Beyond Accuracy: Behavioral Testing of NLP Models with CheckList."
     metric_features = {
