@@ -24,6 +24,7 @@ from hf_wavg.config import WAvgConfig
 from hf_wavg.safety.config import SafetyConfig
 from hf_wavg.safety.monitor import SafetyData, SafetyMonitor, safety_data_from
 from hf_wavg.state_io import AveragerStateError, has_state
+from hf_wavg.teardown import leave_together_at_exit
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class WAvgCallback(TrainerCallback):
             raise ValueError("WAvgConfig.refine_every_epochs is not supported under DeepSpeed, whose optimizer "
                              "keeps its own master weights; use FSDP or DDP, or set it to 0")
         self.averager = self.config.build_averager(model, data_parallel=args.world_size > 1)
+        if args.world_size > 1:
+            leave_together_at_exit()  # ranks must not leave gloo one by one (see teardown.py)
         self.first_step = self.config.start_at(state.max_steps)
         if state.global_step > 0:
             self._restore(args, state)
