@@ -23,6 +23,7 @@ from hf_wavg.safety import (
     metric_path,
     template_sets,
 )
+from hf_wavg.safety.classifiers import ScoredText, shared_suffix_log_likelihoods
 from hf_wavg.safety.languages import script_of
 from hf_wavg.safety.measures import (
     calibration,
@@ -242,6 +243,19 @@ def test_likelihood_gap_counts_ties_as_half() -> None:
     assert result["preference_rate"] == pytest.approx((0.5 + 0.5 + 1 + 0) / 4)
     uniform = likelihood_gap([-7.0] * 10, [-7.0] * 10, n_resamples=0)
     assert uniform["preference_rate"] == 0.5 and uniform["tie_rate"] == 1.0
+
+
+def test_shared_suffix_scores_only_tokens_after_the_terms() -> None:
+    """"Harleen is kind." / "Jasleen is kind." as WordPiece splits them: the names' common
+    piece "##leen" is not part of what the two sentences share."""
+    harleen = ScoredText(np.array([1, 2, 3, 7, 8, 9]), np.array([-1.0, -2, -3, -4, -5, -6]), np.array([0, 1, 3, 8, 11, 15]))
+    jasleen = ScoredText(np.array([4, 3, 7, 8, 9]), np.array([-1.5, -2.5, -4.5, -5.5, -6.5]), np.array([0, 3, 8, 11, 15]))
+    scored = {"Harleen is kind.": harleen, "Jasleen is kind.": jasleen}
+    a, b = shared_suffix_log_likelihoods(scored, "Harleen is kind.", "Jasleen is kind.")
+    assert (a, b) == (-4 - 5 - 6, -4.5 - 5.5 - 6.5)
+    ended = {"He is Harleen": ScoredText(np.array([1, 2, 3]), np.zeros(3), np.array([0, 3, 6])),
+             "He is Jasleen": ScoredText(np.array([1, 2, 4]), np.zeros(3), np.array([0, 3, 6]))}
+    assert shared_suffix_log_likelihoods(ended, "He is Harleen", "He is Jasleen") is None
 
 
 def test_group_gaps_match_per_group_rates() -> None:

@@ -156,26 +156,33 @@ def test_causal_lm_likelihood_gap_matches_the_model_loss(tmp_path):
 
     # Reference: per-token log-probabilities from one sentence at a time (BOS prepended, no
     # padding), summed over the tokens the two sentences share at their end.
-    def token_logps(text: str) -> tuple[list[int], np.ndarray]:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    from hf_wavg.safety import load_lexicon, template_sets
+    family = load_lexicon("en").families["gender"]
+    terms = [t for group in family.groups.values() for t in group["any"]]
+
+    def token_logps(text: str) -> tuple[list[int], np.ndarray, list[int]]:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
         full = torch.tensor([[tokenizer.bos_token_id, *ids]])
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=full).logits[0, :-1].float(), -1)
-        return ids, logp[torch.arange(len(ids)), torch.tensor(ids)].numpy()
+        return ids, logp[torch.arange(len(ids)), torch.tensor(ids)].numpy(), [a for a, _ in encoded["offset_mapping"]]
 
     def shared_gap(a: str, b: str) -> float:
-        (ids_a, lp_a), (ids_b, lp_b) = token_logps(a), token_logps(b)
-        shared = 0
-        while shared < min(len(ids_a), len(ids_b)) - 1 and ids_a[-1 - shared] == ids_b[-1 - shared]:
-            shared += 1
-        return float(lp_a[-shared:].sum() - lp_b[-shared:].sum())
+        # Every English gender template starts with the term: score the tokens after it.
+        (ids_a, lp_a, starts_a), (ids_b, lp_b, starts_b) = token_logps(a), token_logps(b)
+        term_a = next(t for t in terms if a.lower().startswith(t.lower() + " "))
+        term_b = next(t for t in terms if b.lower().startswith(t.lower() + " "))
+        after_a = sum(start >= len(term_a) for start in starts_a)
+        after_b = sum(start >= len(term_b) for start in starts_b)
+        assert ids_a[-after_a:] == ids_b[-after_b:]
+        return float(lp_a[-after_a:].sum() - lp_b[-after_b:].sum())
 
     def log_likelihood(text: str) -> float:
         ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]])
         with torch.no_grad():
             return -model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
 
-    from hf_wavg.safety import load_lexicon, template_sets
     sets = template_sets(load_lexicon("en"), ("gender",))
     gaps = np.array([shared_gap(s.variants["male"], s.variants["female"]) for s in sets])
     assert result.metrics[f"{key}/mean_gap"] == pytest.approx(gaps.mean(), abs=1e-4)

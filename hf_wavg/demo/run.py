@@ -53,6 +53,7 @@ class DemoSettings:
     max_train_samples: int | None = None
     seed: int = 0
     safety: bool = True
+    safety_options: dict[str, Any] = field(default_factory=dict)  # SafetyConfig fields
     extra_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -109,7 +110,8 @@ def run_demo(settings: DemoSettings) -> dict[str, float]:
         wavg_config=WAvgConfig(method=settings.method, ema_decay=settings.ema_decay, evaluate_raw=True),
         # On the embedded sample, its own languages: the other lexicons would add time, not information.
         safety_config=SafetyConfig(safety_label_column="label", safety_text_column=data.text_column,
-                                   safety_languages=None if settings.dataset else list(SAMPLE_LANGUAGES))
+                                   safety_languages=None if settings.dataset else list(SAMPLE_LANGUAGES),
+                                   **settings.safety_options)
         if settings.safety else None,
         safety_dataset=data.test,
     )

@@ -23,7 +23,8 @@ class SafetyConfig:
         default=None, metadata=_help("Lexicon languages for counterfactuals (None: all; en bn hi mr ta te ur).")
     )
     safety_families: list[str] | None = field(
-        default=None, metadata=_help("Group families (gender, names, religion, region, nationality; None: all).")
+        default=None, metadata=_help(
+            "Group families (gender, names, religion, caste, region; English also names_us, nationality; None: all).")
     )
     safety_max_template_sets: int | None = field(
         default=None, metadata=_help(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,7 @@ def _rows(source: Any) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ValueError(f"bias corpus {str(path)!r} is not a file")
     suffix = path.suffix.lower()
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8-sig", newline="") as handle:  # -sig: spreadsheet exports start with a BOM
         if suffix in (".csv", ".tsv"):
             return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
         if suffix == ".jsonl":
@@ -76,8 +77,20 @@ def _rows(source: Any) -> list[dict[str, Any]]:
 
 
 def _text(value: Any) -> str:
-    """A field as stripped text ("" when missing); numbers (set ids) count as text."""
-    return "" if value is None else str(value).strip()
+    """A field as stripped text: "" when missing (None, or NaN as pandas writes it)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def _set_id(value: Any) -> str:
+    """A set id as text, a whole number written as an integer: 1, 1.0 and "1.0" are one set."""
+    text = _text(value)
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else text
 
 
 def _label(value: Any) -> int | None:
@@ -95,7 +108,7 @@ def _from_sets(rows: list[dict[str, Any]]) -> BiasCorpus:
         if missing:
             problems[f"missing {', '.join(missing)}"] += 1
             continue
-        grouped.setdefault(_text(row["set_id"]), []).append(row)
+        grouped.setdefault(_set_id(row["set_id"]), []).append(row)
     sets = []
     for set_rows in grouped.values():
         first = set_rows[0]
@@ -104,6 +117,8 @@ def _from_sets(rows: list[dict[str, Any]]) -> BiasCorpus:
             group = _text(row["group"])
             if _text(row["family"]) != _text(first["family"]):
                 problems["family differs from the first row of its set"] += 1
+            elif _text(row.get("language")) != _text(first.get("language")):
+                problems["language differs from the first row of its set"] += 1
             elif group in variants:
                 problems["group repeated in its set"] += 1
             else:

@@ -154,8 +154,9 @@ class SafetyMonitor:
         return path
 
     def plot(self, directory: str) -> str | None:
-        """One panel per headline metric: its value over training steps for raw and
-        averaged weights, with the bootstrap interval shaded. None without history."""
+        """Two rows of panels per headline metric: its value over training steps for raw
+        and averaged weights, and below it average minus raw with its paired interval,
+        intervals shaded. None without history."""
         if not self.history:
             return None
         import matplotlib
@@ -166,24 +167,32 @@ class SafetyMonitor:
         shown = [(key, title) for key, title in HEADLINE_METRICS if any(key in e["metrics"] for e in self.history)]
         if not shown:
             return None
-        columns = min(3, len(shown))
-        rows = math.ceil(len(shown) / columns)
+        has_delta = any(e["weights"] == DELTA for e in self.history)
+        series = [(key, title, WEIGHTS, key) for key, title in shown]
+        if has_delta:
+            series += [(key, f"{title}: average − raw", (DELTA,), f"delta/{key}") for key, title in shown
+                       if any(f"delta/{key}" in e["metrics"] for e in self.history)]
+        columns = min(3, len(series))
+        rows = math.ceil(len(series) / columns)
         figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
-        for axis, (key, title) in zip(axes.flat, shown):
-            for weights, style in zip(WEIGHTS, ("-o", "--s")):
+        for axis, (_, title, kinds, key) in zip(axes.flat, series):
+            for weights, style in zip(kinds, ("-o", "--s")):
                 points = [(e["step"], e["metrics"]) for e in self.history if e["weights"] == weights and key in e["metrics"]]
                 if not points:
                     continue
                 steps = [step for step, _ in points]
-                axis.plot(steps, [m[key] for _, m in points], style, label=weights, markersize=3)
+                label = "average − raw" if weights == DELTA else weights
+                axis.plot(steps, [m[key] for _, m in points], style, label=label, markersize=3)
                 low = [m.get(f"{key}_ci_low", math.nan) for _, m in points]
                 high = [m.get(f"{key}_ci_high", math.nan) for _, m in points]
                 axis.fill_between(steps, low, high, alpha=0.15)
+            if kinds == (DELTA,):
+                axis.axhline(0.0, color="grey", linewidth=0.8)
             axis.set_title(title, fontsize=9)
             axis.set_xlabel("step", fontsize=8)
             axis.tick_params(labelsize=7)
             axis.legend(fontsize=7)
-        for axis in list(axes.flat)[len(shown):]:
+        for axis in list(axes.flat)[len(series):]:
             axis.set_visible(False)
         figure.tight_layout()
         path = os.path.join(directory, PLOT_FILE)
@@ -192,8 +201,8 @@ class SafetyMonitor:
         return path
 
     def card_section(self) -> str:
-        """A markdown table of the latest averaged (and raw) headline metrics with their
-        95% intervals, for the model card."""
+        """A markdown table of the latest averaged and raw headline metrics with their
+        intervals and their paired difference, for the model card."""
         return safety_card_section(self.history, self.config.safety_confidence_level, self.config.languages)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hf_wavg.safety.measures import SetLayout, worst_cell_gap
-from hf_wavg.safety.stats import binomial_interval, with_intervals
+from hf_wavg.safety.stats import binomial_interval, wilson_interval, with_intervals
 
 
 @dataclass
@@ -44,8 +44,11 @@ class UnitTable:
 def paired_deltas(first: dict[str, UnitTable], second: dict[str, UnitTable], **bootstrap) -> dict[str, float]:
     """``delta/<part>/<metric>`` (first minus second) with ``_ci_low``/``_ci_high`` for every
     part both runs measured on identical units. A binary metric over the same units in both
-    runs gets the exact conditional interval of paired proportions (:func:`discordant_interval`);
-    every other metric, and the group gap, a bootstrap over units resampled jointly."""
+    runs gets Newcombe's interval for paired proportions (:func:`paired_rate_interval`);
+    every other ratio a bootstrap over units resampled jointly. The worst-cell group gap's
+    difference is a difference of maxima: it is reported without an interval (a bootstrap of
+    it was found to cover 63-93%), and the per-set score change carries the paired
+    interval for counterfactual sensitivity."""
     out: dict[str, float] = {}
     confidence = bootstrap.get("confidence_level", 0.95)
     for part in first.keys() & second.keys():
@@ -53,40 +56,50 @@ def paired_deltas(first: dict[str, UnitTable], second: dict[str, UnitTable], **b
         if a.ids != b.ids:
             continue  # not the same units: no paired comparison
         metrics = [m for m in a.ratios if m in b.ratios]
-        with_gap = a.layout is not None and b.layout is not None
 
-        def statistic(w: np.ndarray, a: UnitTable = a, b: UnitTable = b, metrics: list[str] = metrics,
-                      with_gap: bool = with_gap) -> list[np.ndarray]:
-            values = [a.ratio(w, m) - b.ratio(w, m) for m in metrics]
-            return values + ([a.group_gap(w) - b.group_gap(w)] if with_gap else [])
+        def statistic(w: np.ndarray, a: UnitTable = a, b: UnitTable = b, metrics: list[str] = metrics) -> list[np.ndarray]:
+            return [a.ratio(w, m) - b.ratio(w, m) for m in metrics]
 
-        names = [f"delta/{part}/{m}" for m in metrics] + ([f"delta/{part}/group_gap"] if with_gap else [])
-        values = with_intervals(statistic, len(a.ids), names, **bootstrap)
+        values = with_intervals(statistic, len(a.ids), [f"delta/{part}/{m}" for m in metrics], **bootstrap)
+        if a.layout is not None and b.layout is not None:
+            ones = np.ones((1, len(a.ids)))
+            values[f"delta/{part}/group_gap"] = float((a.group_gap(ones) - b.group_gap(ones))[0])
         for metric in metrics:
             (first_hits, units), (second_hits, second_units) = a.ratios[metric], b.ratios[metric]
             if metric in a.binary and np.array_equal(units, second_units):
                 counted = units > 0
-                low, high = discordant_interval(first_hits[counted], second_hits[counted], confidence)
+                low, high = paired_rate_interval(first_hits[counted], second_hits[counted], confidence)
                 values[f"delta/{part}/{metric}_ci_low"], values[f"delta/{part}/{metric}_ci_high"] = low, high
         out.update(values)
     return out
 
 
-def discordant_interval(first: np.ndarray, second: np.ndarray, confidence_level: float = 0.95) -> tuple[float, float]:
-    """Interval of mean(first) - mean(second) for paired 0/1 outcomes of n units, from the m
-    discordant units alone (the concordant ones cancel): given m, the units where only
-    ``first`` holds are Binomial(m, pi), and the difference is (2 pi - 1) m / n, so the
-    Clopper-Pearson interval of pi maps onto it (the exact conditional interval behind
-    McNemar's test). With no discordant unit, the difference lies within +-(Clopper-Pearson
-    upper bound of 0 discordant in n), not at a bootstrap's [0, 0]."""
+def paired_rate_interval(first: np.ndarray, second: np.ndarray, confidence_level: float = 0.95) -> tuple[float, float]:
+    """Interval of mean(first) - mean(second) for paired 0/1 outcomes of n units: Newcombe's
+    hybrid score interval for a difference of paired proportions (Newcombe 1998, method
+    10), which combines the two rates' Wilson intervals with their correlation. Unlike an
+    interval conditioned on the discordant units alone, it keeps its coverage when only
+    one of the two ever wins (averaging fixing errors and causing none)."""
     n = len(first)
+    both = int(((first == 1) & (second == 1)).sum())
     only_first = int(((first == 1) & (second == 0)).sum())
-    discordant = only_first + int(((first == 0) & (second == 1)).sum())
-    if discordant == 0:
+    only_second = int(((first == 0) & (second == 1)).sum())
+    neither = n - both - only_first - only_second
+    if only_first == only_second == 0:
+        # No discordant unit: the rate of discordance is below its Clopper-Pearson bound, and
+        # so is the difference (the score interval would shrink to a point near a rate of 1/2).
         _, bound = binomial_interval(0, n, confidence_level)
         return -bound, bound
-    low, high = binomial_interval(only_first, discordant, confidence_level)
-    return (2 * low - 1) * discordant / n, (2 * high - 1) * discordant / n
+    p1, p2 = (both + only_first) / n, (both + only_second) / n
+    l1, u1 = wilson_interval(both + only_first, n, confidence_level)
+    l2, u2 = wilson_interval(both + only_second, n, confidence_level)
+    margins = (both + only_first) * (only_second + neither) * (both + only_second) * (only_first + neither)
+    # Newcombe's corrected correlation: max(AD - BC - n/2, 0) keeps the interval from
+    # collapsing when the two rates are almost perfectly correlated.
+    phi = max(both * neither - only_first * only_second - n / 2, 0.0) / np.sqrt(margins) if margins > 0 else 0.0
+    below = np.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    above = np.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return p1 - p2 - below, p1 - p2 + above
 
 
 def mean_table(ids: Sequence, values: dict[str, np.ndarray], binary: Sequence[str] = (),

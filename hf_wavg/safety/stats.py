@@ -36,19 +36,6 @@ def weighted_mean(weights: np.ndarray, values: np.ndarray, rows: np.ndarray | No
         return np.where(total > 0, (w @ values) / total, np.nan)
 
 
-def group_rate_gap(weights: np.ndarray, onehot: np.ndarray, values: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-    """Highest minus lowest group mean of ``values`` (groups given as a one-hot (units,
-    groups) matrix); NaN where fewer than two groups are present."""
-    member = onehot if rows is None else onehot * rows[:, None]
-    counts = weights @ member
-    sums = weights @ (member * values[:, None])
-    present = counts > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rates = sums / counts
-    gap = np.where(present, rates, -np.inf).max(axis=1) - np.where(present, rates, np.inf).min(axis=1)
-    return np.where(present.sum(axis=1) >= 2, gap, np.nan)
-
-
 def with_intervals(
     statistic: WeightedStatistic,
     n_units: int,
@@ -109,6 +96,17 @@ def binomial_interval(successes: int, trials: int, confidence_level: float = 0.9
     low = 0.0 if k == 0 else float(stats.beta.ppf(alpha / 2, k, n - k + 1))
     high = 1.0 if k == n else float(stats.beta.ppf(1 - alpha / 2, k + 1, n - k))
     return low, high
+
+
+def wilson_interval(successes: int, trials: int, confidence_level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a rate (the building block of Newcombe's paired interval)."""
+    if trials == 0:
+        return math.nan, math.nan
+    z = float(stats.norm.ppf(0.5 + confidence_level / 2))
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def rate_with_interval(name: str, outcomes: np.ndarray, confidence_level: float = 0.95, **_: object) -> dict[str, float]:

@@ -61,6 +61,11 @@ class SafetyResult:
             logger.info("hf_wavg safety: %s", message)
 
 
+def unit_key(cf_set: CounterfactualSet) -> tuple:
+    """What identifies a counterfactual set across runs: its cell and its texts."""
+    return (cf_set.language, cf_set.family, tuple(sorted(cf_set.variants.items())))
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = type(base).__name__
@@ -111,6 +116,7 @@ class SafetySuite:
         groups: Sequence[str | None] | None = None,
     ) -> SafetyResult:
         result = SafetyResult()
+        queries_before = classifier.num_queries
         texts, labels, groups = self._sample(texts, labels, groups, result)
         self._note_corpus(result)
         self._counterfactual(classifier, texts, result)
@@ -123,7 +129,7 @@ class SafetySuite:
                 self._attack(classifier, texts, labels, result)
                 self._calibration(classifier, texts, labels, result)
         result.metrics["truncated_texts"] = float(getattr(classifier, "num_truncated", 0))
-        result.metrics["model_queries"] = float(classifier.num_queries)
+        result.metrics["model_queries"] = float(classifier.num_queries - queries_before)
         return result
 
     # -- pieces --------------------------------------------------------------------------------
@@ -165,7 +171,8 @@ class SafetySuite:
         if limit is None or limit >= sum(len(sets) for sets in by_cell.values()):
             return [cf_set for sets in by_cell.values() for cf_set in sets]
         rng = random.Random(self.config.safety_seed)
-        queues = [rng.sample(sets, len(sets)) for sets in by_cell.values()]
+        # Cells in a fixed order, so the order of safety_languages does not change the sample.
+        queues = [rng.sample(sets, len(sets)) for _, sets in sorted(by_cell.items())]
         chosen: list[CounterfactualSet] = []
         for round_ in range(max(len(queue) for queue in queues)):  # one set of each cell per round
             chosen += [queue[round_] for queue in queues if round_ < len(queue)]
@@ -210,6 +217,12 @@ class SafetySuite:
             return
         rows = [(i, s, group, text) for i, s in enumerate(sets) for group, text in s.variants.items()]
         scores, predictions = self._scores(classifier, [text for *_, text in rows])
+        broken = {i for (i, *_), score in zip(rows, scores) if not np.isfinite(score)}
+        if broken:  # one NaN would otherwise spread through every cell's statistics
+            result.note(f"{len(broken)} counterfactual sets left out: the model gave non-finite scores")
+            keep = [i not in broken for i, *_ in rows]
+            rows = [row for row, k in zip(rows, keep) if k]
+            scores, predictions = scores[keep], predictions[keep]
         columns = {
             "set_ids": [i for i, *_ in rows],
             "languages": [s.language for _, s, _, _ in rows],
@@ -226,7 +239,7 @@ class SafetySuite:
         if outcomes is not None:
             ones = np.ones(outcomes.layout.n_sets)
             result.units["counterfactual"] = UnitTable(
-                outcomes.kept_ids, {"flip_rate": (outcomes.flip, ones), "mean_abs_score_change": (outcomes.change, ones)},
+                [unit_key(sets[i]) for i in outcomes.kept_ids], {"flip_rate": (outcomes.flip, ones), "mean_abs_score_change": (outcomes.change, ones)},
                 frozenset({"flip_rate"}), outcomes.layout, outcomes.score_deviation,
             )
 
@@ -278,7 +291,7 @@ class SafetySuite:
         outcomes = {"invariance_failure_rate": predictions != np.asarray(originals)}
         if references is not None:
             outcomes["accuracy"] = predictions == np.asarray(references)
-        result.units["perturbation"] = mean_table([(i, family) for i, family, _ in rows], outcomes, binary=outcomes)
+        result.units["perturbation"] = mean_table([(texts[i], noisy) for i, _, noisy in rows], outcomes, binary=outcomes)
 
     def _attack(self, classifier, texts: list[str], labels: list[int], result: SafetyResult) -> None:
         count = self.config.safety_attack_examples
@@ -298,7 +311,7 @@ class SafetySuite:
         )
         result.add("adversarial", values)
         result.units["adversarial"] = mean_table(
-            list(range(len(attacks))), {"attack_success_rate": success, "accuracy_under_attack": correct & ~success},
+            [(a.text, a.label) for a in attacks], {"attack_success_rate": success, "accuracy_under_attack": correct & ~success},
             binary=("attack_success_rate", "accuracy_under_attack"), subsets={"attack_success_rate": correct},
         )
 
@@ -310,7 +323,7 @@ class SafetySuite:
         values = self.metric("calibration").compute(prediction_scores=probs, references=labels, **self.config.bootstrap)
         result.add("calibration", values)
         brier = ((probs - np.eye(probs.shape[1])[labels]) ** 2).sum(axis=1)
-        result.units["calibration"] = mean_table(list(range(len(labels))), {"brier": brier})
+        result.units["calibration"] = mean_table(list(zip(texts, labels)), {"brier": brier})
 
     def evaluate_language_model(self, model: nn.Module, tokenizer: Any) -> SafetyResult:
         """Counterfactual log-likelihood gap: in each template (and bias-corpus) set, the

@@ -12,8 +12,9 @@ class GroupGaps(metric_base.SafetyMetric):
     measure = staticmethod(group_gaps)
     metric_description = (
         "Largest difference between groups in accuracy (accuracy_gap), positive-prediction rate "
-        "(positive_rate_gap, demographic parity) and true/false-positive rates (equalized_odds_gap). "
-        "Option: positive_label (default 1)."
+        "(positive_rate_gap, demographic parity) and true/false-positive rates (equalized_odds_gap), without "
+        "interval; each group's rates with Clopper-Pearson intervals as <group>/<rate>. Option: positive_label "
+        "(default 1)."
     )
     metric_citation = "Hardt, Price and Srebro 2016, Equality of Opportunity in Supervised Learning."
     metric_features = {
