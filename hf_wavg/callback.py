@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -171,8 +172,9 @@ class WAvgCallback(TrainerCallback):
         else:
             state.log_history.append({**logged, "step": state.global_step})
         if state.is_world_process_zero:
-            # One readable table on the console; every key went to the loggers above.
-            print(self.safety_monitor.console_table(state.global_step))
+            # One readable table on the console (above any progress bar); every key went to
+            # the loggers above.
+            tqdm.write(self.safety_monitor.console_table(state.global_step))
         if args.should_save:
             self.safety_monitor.write_report(args.output_dir)
 

@@ -12,13 +12,16 @@ import torch
 from torch import nn
 
 from hf_wavg.safety.counterfactuals import random_counterfactual
+from hf_wavg.safety.languages import detect_language
 
 
 def counterfactual_texts(texts: Sequence[str], languages: tuple[str, ...], rng: random.Random) -> tuple[list[int], list[str]]:
-    """Indices of the texts that hold a swappable identity term, and one counterfactual of each."""
+    """Indices of the texts that hold a swappable identity term, and one counterfactual of
+    each, swapped with the lexicon of the text's own language."""
     indices, counterfactuals = [], []
     for i, text in enumerate(texts):
-        counterfactual = random_counterfactual(text, languages, rng)
+        language = detect_language(text, languages)
+        counterfactual = None if language is None else random_counterfactual(text, (language,), rng)
         if counterfactual is not None:
             indices.append(i)
             counterfactuals.append(counterfactual)
