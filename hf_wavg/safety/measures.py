@@ -178,8 +178,9 @@ def counterfactual_fairness(
     and a cell's ``group_gap`` the largest minus the smallest group effect (for predicted
     positives, ``positive_rate_gap``). Headline gaps are the worst cell's, reported without
     a bootstrap interval (maxima have none worth the name); ``group_gap_p_value`` is a
-    within-set permutation test of "no group effect in any cell" on the worst-cell gap
-    (each cell's own test is ``<cell>/group_gap_p_value``). ``flip_rate`` has a
+    within-set permutation test of "no group effect in any cell" (:func:`group_effect_test`:
+    on the largest *standardized* cell gap, so its cell can differ from the headline's; each
+    cell's own test is ``<cell>/group_gap_p_value``). ``flip_rate`` has a
     Clopper-Pearson interval over sets; means have cluster-bootstrap intervals (sets are
     resampled whole)."""
     languages = ["all"] * len(set_ids) if languages is None else languages
