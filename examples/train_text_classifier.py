@@ -3,6 +3,10 @@
     python examples/train_text_classifier.py --output_dir out --max_steps 200
     accelerate launch --config_file examples/accelerate/ddp.yaml \
         examples/train_text_classifier.py --output_dir out --method ema
+    python examples/train_text_classifier.py --output_dir out --trainer callback   # plain Trainer
+
+``--trainer callback`` uses a plain ``Trainer`` with ``WAvgCallback``, as with any other
+trainer (TRL's included); the script then saves the average through the callback.
 
 Every ``TrainingArguments`` and ``WAvgConfig`` field is a command-line flag. The defaults
 train the embedded pretrained MiniLM on the built-in English/Hindi sentiment sample, so the
@@ -14,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, HfArgumentParser
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
-from hf_wavg import WAvgConfig, WAvgTrainer
+from hf_wavg import WAvgCallback, WAvgConfig, WAvgTrainer
 from hf_wavg.demo.data import load_text_classification
 from hf_wavg.demo.run import default_model_path
 from hf_wavg.demo.sample_data import write_sample
@@ -28,6 +32,8 @@ class ScriptArguments:
     model: str | None = field(default=None, metadata={"help": "Hub id or folder (default: the embedded MiniLM)."})
     dataset: str | None = field(default=None, metadata={"help": "Hub id or .csv/.json(l) file (default: sample)."})
     max_length: int = field(default=64, metadata={"help": "Tokens per text."})
+    trainer: str = field(default="wavg", metadata={
+        "help": "wavg: WAvgTrainer; callback: a plain Trainer with WAvgCallback.", "choices": ["wavg", "callback"]})
 
 
 def main() -> None:
@@ -46,7 +52,7 @@ def main() -> None:
     def tokenize(batch):  # noqa: ANN001, ANN202
         return tokenizer(batch[data.text_column], truncation=True, max_length=script.max_length)
 
-    trainer = WAvgTrainer(
+    common = dict(
         model=model,
         args=args,
         train_dataset=data.train.map(tokenize, batched=True),
@@ -54,8 +60,16 @@ def main() -> None:
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=classification_metrics,
-        wavg_config=wavg,
     )
+    if script.trainer == "callback":
+        callback = WAvgCallback(wavg)
+        trainer = Trainer(**common, callbacks=[callback])
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        with callback.averaged_weights():
+            trainer.log_metrics("eval", trainer.evaluate())
+            trainer.save_model()  # the averaged weights
+        return
+    trainer = WAvgTrainer(**common, wavg_config=wavg)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = trainer.evaluate()
     trainer.log_metrics("eval", metrics)
