@@ -366,6 +366,11 @@ def equal_mass_bins(confidence: np.ndarray, n_bins: int) -> np.ndarray:
     return bins
 
 
+def brier_scores(probabilities: np.ndarray, references: np.ndarray) -> np.ndarray:
+    """Each example's multi-class Brier score, sum over classes of (p_k - 1[y = k])^2."""
+    return ((probabilities - _onehot(references, probabilities.shape[1])) ** 2).sum(axis=1)
+
+
 def calibration(prediction_scores: Sequence[Sequence[float]], references: Sequence[int], n_bins: int = 15, **bootstrap) -> dict[str, float]:
     """Calibration of the top-label confidence, with the multi-class Brier score as the
     headline: the mean over examples of sum over classes of (p_k - 1[y = k])^2 (summed over
@@ -389,7 +394,7 @@ def calibration(prediction_scores: Sequence[Sequence[float]], references: Sequen
     correct = (probs.argmax(axis=1) == ref).astype(np.float64)
     bins_used = max(1, min(n_bins, int(np.sqrt(len(ref)))))
     bins = equal_mass_bins(confidence, bins_used)
-    brier = ((probs - _onehot(ref, probs.shape[1])) ** 2).sum(axis=1)
+    brier = brier_scores(probs, ref)
     out.update(with_intervals(lambda w: [weighted_mean(w, brier)], len(ref), ["brier"], **bootstrap))
     counts = np.bincount(bins, minlength=bins_used).astype(np.float64)
     accuracy = np.bincount(bins, correct, bins_used) / counts

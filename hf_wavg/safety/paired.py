@@ -56,20 +56,24 @@ def paired_deltas(first: dict[str, UnitTable], second: dict[str, UnitTable], **b
         if a.ids != b.ids:
             continue  # not the same units: no paired comparison
         metrics = [m for m in a.ratios if m in b.ratios]
+        # Binary outcomes over the same units get Newcombe's interval; the rest a bootstrap.
+        rates = [m for m in metrics if m in a.binary and np.array_equal(a.ratios[m][1], b.ratios[m][1])]
+        means = [m for m in metrics if m not in rates]
 
-        def statistic(w: np.ndarray, a: UnitTable = a, b: UnitTable = b, metrics: list[str] = metrics) -> list[np.ndarray]:
-            return [a.ratio(w, m) - b.ratio(w, m) for m in metrics]
+        def statistic(w: np.ndarray, a: UnitTable = a, b: UnitTable = b, means: list[str] = means) -> list[np.ndarray]:
+            return [a.ratio(w, m) - b.ratio(w, m) for m in means]
 
-        values = with_intervals(statistic, len(a.ids), [f"delta/{part}/{m}" for m in metrics], **bootstrap)
+        values = with_intervals(statistic, len(a.ids), [f"delta/{part}/{m}" for m in means], **bootstrap) if means else {}
+        for metric in rates:
+            (first_hits, units), (second_hits, _) = a.ratios[metric], b.ratios[metric]
+            counted = units > 0
+            low, high = paired_rate_interval(first_hits[counted], second_hits[counted], confidence)
+            name = f"delta/{part}/{metric}"
+            values[name] = float(first_hits[counted].mean() - second_hits[counted].mean()) if counted.any() else float("nan")
+            values[f"{name}_ci_low"], values[f"{name}_ci_high"] = low, high
         if a.layout is not None and b.layout is not None:
             ones = np.ones((1, len(a.ids)))
             values[f"delta/{part}/group_gap"] = float((a.group_gap(ones) - b.group_gap(ones))[0])
-        for metric in metrics:
-            (first_hits, units), (second_hits, second_units) = a.ratios[metric], b.ratios[metric]
-            if metric in a.binary and np.array_equal(units, second_units):
-                counted = units > 0
-                low, high = paired_rate_interval(first_hits[counted], second_hits[counted], confidence)
-                values[f"delta/{part}/{metric}_ci_low"], values[f"delta/{part}/{metric}_ci_high"] = low, high
         out.update(values)
     return out
 

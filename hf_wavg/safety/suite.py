@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -34,7 +34,7 @@ from hf_wavg.safety.corpus import BiasCorpus, load_bias_corpus
 from hf_wavg.safety.counterfactuals import CounterfactualSet, template_sets, text_counterfactuals
 from hf_wavg.safety.languages import detect_language, script_of
 from hf_wavg.safety.lexicons import load_lexicon
-from hf_wavg.safety.measures import set_outcomes
+from hf_wavg.safety.measures import brier_scores, set_outcomes
 from hf_wavg.safety.metric_base import load_metric
 from hf_wavg.safety.paired import UnitTable, mean_table
 from hf_wavg.safety.perturbations import perturb
@@ -237,11 +237,9 @@ class SafetySuite:
             **columns, positive_label=positive, **self.config.bootstrap))
         outcomes = set_outcomes(**columns, positive_label=positive)
         if outcomes is not None:
-            ones = np.ones(outcomes.layout.n_sets)
-            result.units["counterfactual"] = UnitTable(
-                [unit_key(sets[i]) for i in outcomes.kept_ids], {"flip_rate": (outcomes.flip, ones), "mean_abs_score_change": (outcomes.change, ones)},
-                frozenset({"flip_rate"}), outcomes.layout, outcomes.score_deviation,
-            )
+            units = mean_table([unit_key(sets[i]) for i in outcomes.kept_ids],
+                               {"flip_rate": outcomes.flip, "mean_abs_score_change": outcomes.change}, binary=["flip_rate"])
+            result.units["counterfactual"] = replace(units, layout=outcomes.layout, deviations=outcomes.score_deviation)
 
     def _data_group_gaps(self, classifier, texts, labels, groups, result: SafetyResult) -> None:
         if groups is None:
@@ -322,8 +320,7 @@ class SafetySuite:
             return
         values = self.metric("calibration").compute(prediction_scores=probs, references=labels, **self.config.bootstrap)
         result.add("calibration", values)
-        brier = ((probs - np.eye(probs.shape[1])[labels]) ** 2).sum(axis=1)
-        result.units["calibration"] = mean_table(list(zip(texts, labels)), {"brier": brier})
+        result.units["calibration"] = mean_table(list(zip(texts, labels)), {"brier": brier_scores(probs, np.asarray(labels))})
 
     def evaluate_language_model(self, model: nn.Module, tokenizer: Any) -> SafetyResult:
         """Counterfactual log-likelihood gap: in each template (and bias-corpus) set, the
