@@ -4,17 +4,18 @@ when a snapshot is folded in, how the average is swapped in, and how it is saved
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from hf_wavg import sharding, state_io
 from hf_wavg.averaging import kernels
 from hf_wavg.averaging.strategies import AveragingStrategy
-from hf_wavg import sharding, state_io
 from hf_wavg.params import BufferMode, ParameterScope, TensorSelection, select_tensors
 from hf_wavg.state_io import AveragerStateError
 
@@ -38,6 +39,9 @@ class WeightAverager:
             process must then call :meth:`update`, :meth:`swapped_in`, :meth:`copy_to_model`,
             :meth:`save` and :meth:`load` together, as it must for a sharded (FSDP,
             ZeRO-3) model.
+        settings: further settings that shape the average (such as how often it is updated),
+            recorded with the strategy's in the saved state; :meth:`load` refuses a state
+            saved under different ones.
     """
 
     def __init__(
@@ -49,9 +53,11 @@ class WeightAverager:
         buffers: BufferMode = "copy",
         skip_non_finite: bool = True,
         shard_replicas: bool = False,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.strategy = strategy
+        self.settings: dict[str, Any] = {**strategy.describe(), **(settings or {})}
         self.selection: TensorSelection = select_tensors(model, parameters, name_regex, buffers, shard_replicas)
         self.skip_non_finite = skip_non_finite
         self.num_skipped = 0
@@ -87,6 +93,40 @@ class WeightAverager:
         self.strategy.update(snapshot)
         self.last_update_step = step
         return True
+
+    def weights_finite(self) -> bool:
+        """Whether the model's selected tensors (the average, while swapped in) are finite,
+        agreed by every process."""
+        return self._all_finite(self.selection.tensors())
+
+    @torch.no_grad()
+    def weights_fingerprint(self) -> dict[str, float]:
+        """Per selected tensor, the float64 sum of squares of the live weights, whatever the
+        layout: saved with the state, it tells whether a model holds the raw weights the
+        state was saved beside. Every process must call this together when sharded."""
+        local = {
+            (name, piece.start, piece.stop): float(tensor.double().square().sum())
+            for name, piece, tensor in zip(self.selection.names, self.selection.pieces, self.selection.tensors())
+            if piece.numel
+        }
+        pieces: dict[tuple[str, int, int], float] = {}
+        for gathered in sharding.all_gather_objects(local) if self.selection.is_distributed else [local]:
+            pieces.update(gathered)  # a tensor held whole by several processes counts once
+        totals = dict.fromkeys(self.selection.names, 0.0)
+        for (name, _, _), value in pieces.items():
+            totals[name] += value
+        return totals
+
+    def holds_weights_saved_with(self, directory: str | os.PathLike[str]) -> bool | None:
+        """Whether the model's live weights are those the state in ``directory`` was saved
+        beside (equal up to summation order); None when its record has no fingerprint."""
+        saved = state_io.read_record(directory).get("weights_fingerprint")
+        if saved is None:
+            return None
+        live = self.weights_fingerprint()
+        return set(saved) == set(live) and all(
+            math.isclose(saved[name], value, rel_tol=1e-9, abs_tol=1e-30) for name, value in live.items()
+        )
 
     def _all_finite(self, snapshot: list[Tensor]) -> bool:
         finite = kernels.all_finite(snapshot)
@@ -134,6 +174,19 @@ class WeightAverager:
                 self.selection.synchronize()
             self._swapped = False
 
+    def _check_settings(self, directory: str | os.PathLike[str], saved: dict[str, Any] | None) -> None:
+        """Refuse a state averaged under other settings: continuing it would mix two averages
+        while the record showed only the new settings. (States of format 2 recorded none.)"""
+        if saved is None:
+            return
+        changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in self.settings.items()
+                   if saved.get(key) != value]
+        if changed:
+            raise AveragerStateError(
+                f"averager state in {directory} was made with other settings ({'; '.join(changed)}): resume with "
+                "the settings it was saved with, or start a new average (WAvgConfig(restart_average_on_resume=True))"
+            )
+
     def describe(self) -> dict[str, Any]:
         """Settings and counters, for logs, JSON reports and model cards."""
         return {
@@ -166,10 +219,10 @@ class WeightAverager:
         distributed = self.selection.is_distributed
         if not distributed and not write_record:
             return  # an unsharded state is written whole by the process that writes the record
+        fingerprint = self.weights_fingerprint()  # collective: before any process may return
         rank, world = sharding.distributed_world() if distributed else (0, 1)
         file_name = state_io.tensor_file_name(rank, world)
-        size = state_io.write_tensors(directory, file_name, tensors)
-        entry = {"file": file_name, "bytes": size, "ranges": ranges}
+        entry = {**state_io.write_tensors(directory, file_name, tensors), "ranges": ranges}
         files = sharding.all_gather_objects(entry) if distributed else [entry]
         if not write_record:
             return
@@ -180,6 +233,8 @@ class WeightAverager:
             "shapes": {name: list(piece.shape) for name, piece in zip(self.selection.names, self.selection.pieces)},
             "num_skipped": self.num_skipped,
             "last_update_step": self.last_update_step,
+            "settings": self.settings,
+            "weights_fingerprint": fingerprint,
         }
         state_io.write_record(directory, meta, files)
 
@@ -208,6 +263,7 @@ class WeightAverager:
                     f"averager state in {directory} holds tensor {sorted(extra)[0]!r}, which this model's "
                     "selection does not average"
                 )
+            self._check_settings(directory, record.get("settings"))
             live = self.selection.tensors()
             groups = {
                 group: [
@@ -216,6 +272,15 @@ class WeightAverager:
                 ]
                 for group in record["groups"]
             }
-        self.strategy.load_state(groups, record["strategy"])
+        if self.skip_non_finite and not self._all_finite([t for tensors in groups.values() for t in tensors]):
+            raise AveragerStateError(
+                f"averager state in {directory} holds NaN or inf, which no average of finite snapshots can: "
+                "its files were corrupted"
+            )
+        try:
+            self.strategy.load_state(groups, record["strategy"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise AveragerStateError(f"averager state in {directory} does not fit this run's {self.strategy.name}: "
+                                     f"{error}") from error
         self.num_skipped = int(record["num_skipped"])
         self.last_update_step = record["last_update_step"]

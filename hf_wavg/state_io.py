@@ -9,16 +9,21 @@ processes, or in one.
 
 Files get a fresh token in their name each save and are flushed to disk before the
 record, written last and renamed into place atomically, names them. A crash at any point
-therefore leaves the previous record and every file it lists intact; files no record
-lists are removed once the new record is in place. A file whose size differs from the
-record's is refused as truncated.
+therefore leaves the previous record and every file it lists intact. Once the new record
+is in place, a save removes only what it supersedes: the files the replaced record listed,
+and unlisted files older than that record (left by a save that died before its record).
+A second save into the same folder at the same time thus never deletes the other's
+fresh files. The record holds every file's size and SHA-256; a file that differs is
+refused, naming what happened.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Iterator
@@ -33,7 +38,9 @@ from torch import Tensor
 
 META_FILE = "wavg_state.json"
 _TENSOR_FILE_PATTERN = "wavg_state-*.safetensors"
-FORMAT_VERSION = 2
+_TENSOR_FILE_NAME = re.compile(r"wavg_state-\d{5}-of-\d{5}-[0-9a-f]{8}\.safetensors")
+FORMAT_VERSION = 3
+_READABLE_VERSIONS = (2, FORMAT_VERSION)  # 2: no checksums, no recorded settings
 
 
 class AveragerStateError(RuntimeError):
@@ -65,33 +72,63 @@ def tensor_file_name(rank: int = 0, world_size: int = 1) -> str:
     return f"wavg_state-{rank:05d}-of-{world_size:05d}-{secrets.token_hex(4)}.safetensors"
 
 
-def write_tensors(directory: str | os.PathLike[str], file_name: str, tensors: dict[str, Tensor]) -> int:
-    """Write flat ``tensors`` to ``directory/file_name`` atomically; return its size in bytes."""
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def write_tensors(directory: str | os.PathLike[str], file_name: str, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """Write flat ``tensors`` to ``directory/file_name`` atomically; return the record's
+    entry for it without its ranges: ``{"file", "bytes", "sha256"}``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     flat = {key: t.detach().reshape(-1).contiguous().cpu() for key, t in tensors.items()}
     path = directory / file_name
     _atomic_write(path, lambda tmp: save_file(flat, tmp, metadata={"format": "pt"}))
-    return path.stat().st_size
+    return {"file": file_name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def write_record(directory: str | os.PathLike[str], meta: dict[str, Any], files: list[dict[str, Any]]) -> None:
-    """Write the record listing ``files`` (``{"file", "bytes", "ranges"}``) with ``meta``."""
+    """Write the record listing ``files`` (``{"file", "bytes", "sha256", "ranges"}``) with
+    ``meta``, then remove the tensor files the replaced record listed (and older orphans)."""
+    directory = Path(directory)
     record = {"format_version": FORMAT_VERSION, "files": files, **meta}
+    meta_path = directory / META_FILE
+    superseded, replaced_at = _superseded_files(meta_path)
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=2, sort_keys=True)
 
-    _atomic_write(Path(directory) / META_FILE, write_json)
+    _atomic_write(meta_path, write_json)
     listed = {entry["file"] for entry in files}
-    for stale in Path(directory).glob(_TENSOR_FILE_PATTERN):
-        if stale.name not in listed:
-            stale.unlink(missing_ok=True)
+    for candidate in directory.glob(_TENSOR_FILE_PATTERN):
+        if candidate.name in listed:
+            continue
+        try:
+            # A file neither record lists is another save's, still in flight, unless it
+            # predates the replaced record.
+            if candidate.name in superseded or candidate.stat().st_mtime < replaced_at:
+                candidate.unlink()
+        except FileNotFoundError:
+            pass  # removed by a concurrent save
+
+
+def _superseded_files(meta_path: Path) -> tuple[set[str], float]:
+    """The files the record about to be replaced lists, and its modification time."""
+    try:
+        replaced_at = meta_path.stat().st_mtime
+        previous = json.loads(meta_path.read_text(encoding="utf-8"))
+        return {entry["file"] for entry in previous["files"]}, replaced_at
+    except FileNotFoundError:
+        return set(), float("-inf")
+    except (ValueError, KeyError, TypeError):
+        return set(), replaced_at  # a damaged record: clean up only what predates it
 
 
 def read_record(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The record of a saved state; :class:`AveragerStateError` when missing or unreadable."""
+    """The record of a saved state, checked field by field; :class:`AveragerStateError`
+    naming the file when it is missing, unreadable or malformed."""
     meta_path = Path(directory) / META_FILE
     if not meta_path.is_file():
         raise AveragerStateError(f"averager state file {meta_path} is missing")
@@ -99,11 +136,60 @@ def read_record(directory: str | os.PathLike[str]) -> dict[str, Any]:
         record = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AveragerStateError(f"averager state file {meta_path} is not valid JSON: {error}") from error
-    if record.get("format_version") != FORMAT_VERSION:
+    except OSError as error:
+        raise AveragerStateError(f"cannot read averager state file {meta_path}: {error}") from error
+    version = record.get("format_version") if isinstance(record, dict) else None
+    if version not in _READABLE_VERSIONS:
         raise AveragerStateError(
-            f"{meta_path} has format_version {record.get('format_version')!r}; this hf_wavg reads {FORMAT_VERSION}"
+            f"{meta_path} has format_version {version!r}; this hf_wavg reads {', '.join(map(str, _READABLE_VERSIONS))}"
         )
+    problem = _record_problem(record)
+    if problem is not None:
+        raise AveragerStateError(f"averager state file {meta_path} is damaged: {problem}")
     return record
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _record_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with a record's common fields (the strategy checks its own), or None."""
+    shapes, groups, files = record.get("shapes"), record.get("groups"), record.get("files")
+    if not isinstance(shapes, dict) or not all(
+        isinstance(shape, list) and all(_is_count(size) for size in shape) for shape in shapes.values()
+    ):
+        return "'shapes' must map tensor names to lists of sizes"
+    if not isinstance(groups, list) or not all(isinstance(group, str) for group in groups):
+        return "'groups' must be a list of names"
+    if not isinstance(record.get("method"), str) or not isinstance(record.get("strategy"), dict):
+        return "'method' and 'strategy' are missing"
+    if not _is_count(record.get("num_skipped")):
+        return f"'num_skipped' must be a count; got {record.get('num_skipped')!r}"
+    step = record.get("last_update_step")
+    if step is not None and not _is_count(step):
+        return f"'last_update_step' must be a step number or null; got {step!r}"
+    if not _is_count(record["strategy"].get("num_updates")):
+        return f"'strategy.num_updates' must be a count; got {record['strategy'].get('num_updates')!r}"
+    if not isinstance(files, list) or not files:
+        return "'files' must list the tensor files"
+    for entry in files:
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) \
+                or not _TENSOR_FILE_NAME.fullmatch(entry["file"]):
+            # Names are checked so that a record can never point outside its folder.
+            name = entry.get("file") if isinstance(entry, dict) else entry
+            return f"file entry {name!r} does not name a state file in this folder"
+        checksum_ok = isinstance(entry.get("sha256"), str) or record["format_version"] < 3
+        if not _is_count(entry.get("bytes")) or not checksum_ok:
+            return f"file entry for {entry['file']} lacks its size or checksum"
+        ranges = entry.get("ranges")
+        if not isinstance(ranges, dict) or not all(
+            name in shapes and isinstance(span, list) and len(span) == 2 and all(map(_is_count, span))
+            and span[0] <= span[1] <= math.prod(shapes[name])
+            for name, span in ranges.items()
+        ):
+            return f"file entry for {entry['file']} has ranges outside the recorded shapes"
+    return None
 
 
 class RangeReader:
@@ -121,8 +207,10 @@ class RangeReader:
             path = self.directory / name
             if not path.is_file():
                 raise AveragerStateError(
-                    f"averager state file {path} is missing (a state saved by several machines without a shared "
-                    "filesystem loads only with the same number of processes per machine)"
+                    f"averager state file {path}, listed in {META_FILE}, is missing: another save into this folder "
+                    "replaced the state while it was read, or the file was deleted (a state saved by several "
+                    "machines without a shared filesystem also loads only with the same number of processes "
+                    "per machine)"
                 )
             if path.stat().st_size != entry["bytes"]:
                 raise AveragerStateError(
@@ -130,9 +218,16 @@ class RangeReader:
                     "truncated or replaced"
                 )
             try:
-                self._handles[name] = self._stack.enter_context(safe_open(path, framework="pt"))
+                digest = file_sha256(path)
+                handle = self._stack.enter_context(safe_open(path, framework="pt"))
             except (SafetensorError, OSError) as error:
                 raise AveragerStateError(f"cannot read {path}: {error}") from error
+            if entry.get("sha256", digest) != digest:
+                raise AveragerStateError(
+                    f"{path} does not match the SHA-256 that {META_FILE} recorded: its bytes were corrupted or "
+                    "replaced since the save"
+                )
+            self._handles[name] = handle
         return self._handles[name]
 
     def read(self, key: str, name: str, start: int, stop: int) -> Tensor:

@@ -185,21 +185,28 @@ class LAWA(AveragingStrategy):
         return total
 
     def state(self) -> StrategyState:
-        # Oldest first, so a resumed run can rebuild the ring in any order it likes.
+        # Oldest first, with the slot the next snapshot goes to: a resumed run puts every
+        # snapshot back in its slot, so the mean is summed in the same order, bit for bit.
         order = [(self._next_slot + i) % len(self._ring) for i in range(len(self._ring))] if self._ring else []
         buffers = {f"snapshot{rank}": self._ring[slot] for rank, slot in enumerate(order)}
-        return buffers, {"num_updates": self.num_updates, "k": self.k}
+        return buffers, {"num_updates": self.num_updates, "k": self.k, "next_slot": self._next_slot}
 
     def load_state(self, buffers: dict[str, list[Tensor]], meta: dict[str, Any]) -> None:
         if int(meta["k"]) != self.k:
             raise ValueError(f"saved LAWA state has k={meta['k']} but this run uses k={self.k}")
-        self._ring = []
-        for rank in range(len(buffers)):
-            slot = self._new_slot()
+        filled = len(buffers)
+        if filled != min(int(meta["num_updates"]), self.k):
+            raise ValueError(f"{filled} snapshots saved for num_updates={meta['num_updates']} and k={self.k}")
+        next_slot = int(meta.get("next_slot", filled % self.k))  # states written before next_slot was recorded
+        if not 0 <= next_slot < self.k or (filled < self.k and next_slot != filled):
+            raise ValueError(f"next_slot {next_slot} does not fit a ring of {self.k} holding {filled} snapshots")
+        oldest_first = [self._new_slot() for _ in range(filled)]
+        for rank, slot in enumerate(oldest_first):
             torch._foreach_copy_(slot, buffers[f"snapshot{rank}"])
-            self._ring.append(slot)
+        # Snapshot `rank` (oldest first) sat in slot (next_slot + rank) % filled.
+        self._ring = [oldest_first[(slot - next_slot) % filled] for slot in range(filled)]
         self.num_updates = int(meta["num_updates"])
-        self._next_slot = len(self._ring) % self.k
+        self._next_slot = next_slot
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "k": self.k}
