@@ -7,9 +7,11 @@ the command line, a JSON file or a YAML file. Field names do not clash with
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch import nn
@@ -18,10 +20,18 @@ from hf_wavg.averager import WeightAverager
 from hf_wavg.averaging import EMA, LAWA, SCHEDULES, SWA, AveragingStrategy, DecaySchedule
 
 METHODS = ("ema", "swa", "lawa")
+logger = logging.getLogger(__name__)
 
 
 def _help(text: str) -> Any:
     return {"help": text}
+
+
+def _value_types(hint: Any) -> tuple[set[Any], bool]:
+    """The types a field accepts (a Literal's as ``str``) and whether it may be None."""
+    options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    kinds = {str if get_origin(option) is Literal else option for option in options}
+    return kinds - {type(None)}, type(None) in kinds
 
 
 @dataclass
@@ -64,6 +74,9 @@ class WAvgConfig:
     evaluate_raw: bool = field(
         default=False, metadata=_help("Also evaluate the raw weights, under the prefix '<prefix>_raw'.")
     )
+    predict_average: bool = field(
+        default=True, metadata=_help("predict() uses the average, like evaluate(); False: the raw weights.")
+    )
     save_average: bool = field(default=True, metadata=_help("save_model() and push_to_hub() write the average."))
     load_average_at_end: bool = field(
         default=False, metadata=_help("Replace the model's weights by the average when training ends.")
@@ -82,6 +95,7 @@ class WAvgConfig:
     )
 
     def __post_init__(self) -> None:
+        self._check_types()
         self._check_choice("method", METHODS)
         self._check_choice("ema_schedule", SCHEDULES)
         self._check_choice("average_parameters", ("trainable", "all"))
@@ -102,6 +116,43 @@ class WAvgConfig:
                 re.compile(self.average_name_regex)
             except re.error as error:
                 raise ValueError(f"WAvgConfig.average_name_regex is not a valid regular expression: {error}") from None
+
+        self._warn_about_conflicts()
+
+    def _check_types(self) -> None:
+        """Refuse values of the wrong type, naming the field: a JSON or YAML "false" is a
+        string, truthy in Python, and PyYAML reads 9e-1 as a string too."""
+        for name, hint in get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            kinds, optional = _value_types(hint)
+            if value is None and optional:
+                continue
+            if bool in kinds:
+                self._check(isinstance(value, bool), name, "true or false (a boolean, not a string)")
+            elif float in kinds:
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                self._check(number, name, "a number (in YAML, write 0.9 or 9.0e-1: PyYAML reads 9e-1 as a string)")
+            elif str in kinds:
+                self._check(isinstance(value, str), name, "a string")
+            # int fields are checked with their ranges below
+
+    def _warn_about_conflicts(self) -> None:
+        """Settings that do nothing with the others: say so rather than ignore them."""
+        defaults = {spec.name: spec.default for spec in fields(self)}
+        unused = {
+            "ema": ("lawa_k",),
+            "swa": ("ema_decay", "ema_schedule", "ema_power", "ema_gamma", "lawa_k"),
+            "lawa": ("ema_decay", "ema_schedule", "ema_power", "ema_gamma"),
+        }[self.method]
+        for name in unused:
+            if getattr(self, name) != defaults[name]:
+                logger.warning("hf_wavg: WAvgConfig.%s is set but method=%r does not use it", name, self.method)
+        if self.start_fraction is not None and self.start_step != defaults["start_step"]:
+            logger.warning("hf_wavg: WAvgConfig.start_fraction overrides start_step=%d", self.start_step)
+        if self.batchnorm_batches is not None and not self.recompute_batchnorm:
+            logger.warning("hf_wavg: WAvgConfig.batchnorm_batches is set but recompute_batchnorm is False")
+        if self.evaluate_raw and not self.evaluate_average:
+            logger.warning("hf_wavg: WAvgConfig.evaluate_raw does nothing when evaluate_average is False")
 
     def _check(self, ok: bool, name: str, allowed: str) -> None:
         if not ok:
@@ -148,4 +199,5 @@ class WAvgConfig:
             buffers=self.average_buffers,
             skip_non_finite=self.skip_non_finite,
             shard_replicas=data_parallel and self.shard_average,
+            settings={"update_every": self.update_every},
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from transformers import HfArgumentParser, TrainerControl, TrainerState, TrainingArguments
@@ -77,3 +78,49 @@ def test_refining_from_the_average_is_refused_under_deepspeed(monkeypatch, tmp_p
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     callback.on_train_begin(args, TrainerState(), TrainerControl(), model=TiedLM())
     assert callback.averager is not None
+
+
+@pytest.mark.parametrize(
+    ("settings", "field", "allowed"),
+    [
+        ({"load_average_at_end": "false"}, "load_average_at_end", "true or false"),
+        ({"evaluate_raw": 1}, "evaluate_raw", "true or false"),
+        ({"ema_decay": "9e-1"}, "ema_decay", "a number"),
+        ({"ema_decay": None}, "ema_decay", "a number"),
+        ({"lawa_k": "5"}, "lawa_k", "an integer >= 1"),
+        ({"average_name_regex": 3}, "average_name_regex", "a string"),
+    ],
+)
+def test_values_of_the_wrong_type_are_refused_naming_the_field(settings, field, allowed):
+    with pytest.raises(ValueError, match=rf"WAvgConfig\.{field} must be {allowed}"):
+        WAvgConfig(**settings)
+
+
+def test_strings_from_json_and_yaml_are_not_taken_for_booleans_or_numbers(tmp_path):
+    parser = HfArgumentParser((TrainingArguments, WAvgConfig))
+    (tmp_path / "args.json").write_text(json.dumps({"output_dir": "x", "load_average_at_end": "false"}))
+    with pytest.raises(ValueError, match="WAvgConfig.load_average_at_end must be true or false"):
+        parser.parse_json_file(str(tmp_path / "args.json"))
+    (tmp_path / "args.yaml").write_text("output_dir: x\nema_decay: 9e-1\n")  # PyYAML: the string '9e-1'
+    with pytest.raises(ValueError, match="WAvgConfig.ema_decay must be a number"):
+        parser.parse_yaml_file(str(tmp_path / "args.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "warning"),
+    [
+        ({"method": "lawa", "ema_decay": 0.9}, "ema_decay is set but method='lawa' does not use it"),
+        ({"method": "swa", "lawa_k": 3}, "lawa_k is set but method='swa'"),
+        ({"start_fraction": 0.5, "start_step": 10}, "start_fraction overrides start_step=10"),
+        ({"batchnorm_batches": 4}, "batchnorm_batches is set but recompute_batchnorm is False"),
+        ({"evaluate_raw": True, "evaluate_average": False}, "evaluate_raw does nothing"),
+    ],
+)
+def test_settings_that_do_nothing_are_warned_about(settings, warning, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_wavg.config"):
+        WAvgConfig(**settings)
+    assert any(warning in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_wavg.config"):
+        WAvgConfig()
+    assert not caplog.records
