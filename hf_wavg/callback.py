@@ -9,6 +9,7 @@ for other trainers.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_wavg.averager import WeightAverager
@@ -30,6 +32,24 @@ from hf_wavg.teardown import leave_together_at_exit
 logger = logging.getLogger(__name__)
 
 
+def saved_trainer_state(checkpoint: str) -> TrainerState | None:
+    """The trainer state in ``checkpoint``, or None when it is missing or unreadable (the
+    Trainer writes it last, so a save killed midway leaves none or a partial one)."""
+    try:
+        return TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _resumed_from(checkpoint: str, state: TrainerState) -> bool:
+    """Whether ``checkpoint`` holds the trainer state the Trainer resumed with: the same log
+    history, which another run's checkpoint at the same step will not share."""
+    saved = saved_trainer_state(checkpoint)
+    # Compared as JSON, where a logged NaN equals itself.
+    return (saved is not None and saved.global_step == state.global_step
+            and json.dumps(saved.log_history) == json.dumps(state.log_history))
+
+
 class WAvgCallback(TrainerCallback):
     """Keep a running average of the model's weights while a Trainer trains.
 
@@ -37,7 +57,9 @@ class WAvgCallback(TrainerCallback):
         config: averaging settings; defaults to ``WAvgConfig()`` (EMA, decay 0.999).
         resume_from_checkpoint: checkpoint folder that training resumes from. When ``None``
             and the Trainer resumes, the callback reads ``<output_dir>/checkpoint-<step>``,
-            where the Trainer writes its checkpoints.
+            where the Trainer writes its checkpoints, after checking that its trainer state is
+            the one the Trainer resumed with (a Trainer does not tell its callbacks which
+            folder it resumed from); when it is not, pass the folder here.
         safety_config: run the safety suite on the average at each evaluation (or every
             ``safety_every_updates`` updates); its metrics join the evaluation's metrics and
             ``state.log_history``, and ``<output_dir>/safety_report.json`` is rewritten.
@@ -97,6 +119,7 @@ class WAvgCallback(TrainerCallback):
             # would be overwritten by the next step, and training would not restart from them.
             raise ValueError("WAvgConfig.refine_every_epochs is not supported under DeepSpeed, whose optimizer "
                              "keeps its own master weights; use FSDP or DDP, or set it to 0")
+        self._saved_step = None  # per run: a second train() must save its own average
         self.averager = self.config.build_averager(model, data_parallel=args.world_size > 1)
         if args.world_size > 1:
             leave_together_at_exit()  # ranks must not leave gloo one by one (see teardown.py)
@@ -106,16 +129,27 @@ class WAvgCallback(TrainerCallback):
 
     def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
         assert self.averager is not None
-        checkpoint = self.resume_from_checkpoint or os.path.join(
-            args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        )
         if self.config.restart_average_on_resume:
             logger.info("hf_wavg: resuming at step %d with a new average (restart_average_on_resume)", state.global_step)
             return
+        checkpoint = self.resume_from_checkpoint
+        guessed = checkpoint is None
+        if checkpoint is None:
+            checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not has_state(checkpoint):
             raise AveragerStateError(
                 f"training resumes at step {state.global_step}, but {checkpoint} holds no averager state "
                 "(wavg_state.json); pass WAvgConfig(restart_average_on_resume=True) to start a new average"
+            )
+        # A Trainer does not tell its callbacks which folder it resumed from: check that the
+        # state was saved beside the weights the Trainer loaded (and, for a guessed folder,
+        # its trainer state) rather than hand back another run's average.
+        same_weights = self.averager.holds_weights_saved_with(checkpoint)
+        if same_weights is False or (guessed and not _resumed_from(checkpoint, state)):
+            raise AveragerStateError(
+                f"training resumes at step {state.global_step}, but not from {checkpoint}: its averager state was "
+                "saved beside other weights than the ones the Trainer loaded. Pass the folder the Trainer resumes "
+                "from as WAvgCallback(resume_from_checkpoint=...)"
             )
         self.averager.load(checkpoint)
         logger.info("hf_wavg: restored the average of %d snapshots from %s", self.averager.num_updates, checkpoint)

@@ -31,11 +31,16 @@ def _metric_rows(evaluation: dict[str, Any]) -> list[str]:
 def averaging_card_section(summary: dict[str, Any]) -> str:
     """Markdown for a summary made by :meth:`hf_wavg.WAvgTrainer.averaging_summary`."""
     averager = summary.get("averager", {})
+    if summary.get("averaged", True):
+        what = ("The weights in this repository are a running average of the fine-tuning trajectory, not the last "
+                "optimizer step.")
+    else:
+        what = (f"**These weights are not an average**: they are the last optimizer step's, because "
+                f"{summary.get('not_averaged_because', 'no snapshot was folded in')}.")
     lines = [
         "## Weight averaging (hf_wavg)",
         "",
-        "The weights in this repository are a running average of the fine-tuning trajectory, not the last "
-        "optimizer step.",
+        what,
         "",
         "| setting | value |",
         "|---|---|",

@@ -13,12 +13,13 @@ from typing import Any
 
 from torch import nn
 from transformers import PrinterCallback, ProgressCallback, Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import sort_checkpoints
 from transformers.utils.notebook import NotebookProgressCallback
-from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
 from hf_wavg.averager import WeightAverager
 from hf_wavg.batchnorm import recomputed_batchnorm
-from hf_wavg.callback import WAvgCallback
+from hf_wavg.callback import WAvgCallback, saved_trainer_state
 from hf_wavg.config import WAvgConfig
 from hf_wavg.model_card import AVERAGING_FILE, averaging_card_section
 from hf_wavg.safety.config import SafetyConfig
@@ -39,9 +40,12 @@ class WAvgTrainer(Trainer):
     - ``evaluate()`` reports the average's metrics under the usual prefix (so
       ``metric_for_best_model``, ``load_best_model_at_end`` and early stopping act on the
       average); with ``evaluate_raw`` the raw weights are also reported, as ``eval_raw_*``;
+    - ``predict()`` uses the average too (``predict_average=False``: the raw weights);
     - ``save_model()`` and ``push_to_hub()`` write the averaged weights, and the model card
       says how they were averaged; checkpoints keep the raw weights (training resumes from
-      them) plus the averager state;
+      them) plus the averager state. Until a snapshot has been folded in there is no
+      average: evaluations, predictions and saves then use the raw weights, with a warning,
+      and the saved record and card say so. Weights holding NaN or inf are not saved;
     - with ``safety_config`` (:class:`SafetyConfig`), every evaluation also runs the safety
       suite on the averaged (and, with ``evaluate_raw``, raw) weights: ``safety/*`` metrics
       in the log, ``safety_report.json`` and ``safety_metrics.png`` in the output folder, a
@@ -70,6 +74,7 @@ class WAvgTrainer(Trainer):
         self.wavg_callback.log_fn = self.log_to_integrations
         self.add_callback(self.wavg_callback)
         self._saving_checkpoint = False
+        self._unaveraged_warned_at: tuple[int, str] | None = None
         self._pairing_rng = random.Random(safety_config.safety_seed if safety_config else 0)
 
     def log_to_integrations(self, logs: dict[str, float]) -> None:
@@ -114,23 +119,27 @@ class WAvgTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = self._last_resumable_checkpoint()
             if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
         self.wavg_callback.resume_from_checkpoint = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
 
     def _last_resumable_checkpoint(self) -> str | None:
-        """The newest checkpoint that holds an averager state: a save interrupted after the
-        Trainer's files but before the averager's (a rank failing mid-save) is passed over."""
+        """The newest complete checkpoint: its trainer state (which the Trainer writes last)
+        readable and, unless a new average is wanted, its averager state there. A save that
+        was interrupted (a killed process, a rank failing mid-save) is passed over."""
         if not os.path.isdir(self.args.output_dir):
             return None
-        if self.wavg_config.restart_average_on_resume:
-            return get_last_checkpoint(self.args.output_dir)
-        checkpoints = sort_checkpoints(self.args.output_dir)
-        for checkpoint in reversed(checkpoints):
-            if has_state(checkpoint):
+        needs_average = not self.wavg_config.restart_average_on_resume
+        for checkpoint in reversed(sort_checkpoints(self.args.output_dir)):
+            if saved_trainer_state(checkpoint) is None:
+                logger.warning("hf_wavg: %s has no readable %s (an interrupted save?); looking at older checkpoints",
+                               checkpoint, TRAINER_STATE_NAME)
+            elif needs_average and not has_state(checkpoint):
+                logger.warning("hf_wavg: %s holds no averager state (an interrupted save?); looking at older "
+                               "checkpoints", checkpoint)
+            else:
                 return checkpoint
-            logger.warning("hf_wavg: %s holds no averager state (an interrupted save?); looking at older ones", checkpoint)
-        return checkpoints[-1] if checkpoints else None
+        return None
 
     def evaluate(
         self,
@@ -157,6 +166,8 @@ class WAvgTrainer(Trainer):
         self, dataset: Any, ignore_keys: list[str] | None, prefix: str, suffix: str
     ) -> dict[str, float]:
         evaluate = super().evaluate
+        if self.wavg_config.evaluate_average and not self._average_ready():
+            self._warn_unaveraged(f"{prefix}_* metrics are the raw weights'")
         if not self.wavg_config.evaluate_average or not self._average_ready() or self.averager.is_swapped_in:  # type: ignore[union-attr]
             return evaluate(dataset, ignore_keys, f"{prefix}{suffix}")
         metrics: dict[str, float] = {}
@@ -166,6 +177,36 @@ class WAvgTrainer(Trainer):
         with self.averaged_weights():
             metrics.update(evaluate(dataset, ignore_keys, f"{prefix}{suffix}"))
         return metrics
+
+    def predict(self, test_dataset: Any, ignore_keys: list[str] | None = None,
+                metric_key_prefix: str = "test") -> Any:
+        """Predictions of the average, like ``evaluate()`` (``predict_average=False``: of the
+        raw weights)."""
+        if not self.wavg_config.predict_average:
+            return super().predict(test_dataset, ignore_keys, metric_key_prefix)
+        if not self._average_ready():
+            self._warn_unaveraged("predict() uses the raw weights")
+            return super().predict(test_dataset, ignore_keys, metric_key_prefix)
+        with self.averaged_weights():
+            return super().predict(test_dataset, ignore_keys, metric_key_prefix)
+
+    def unaveraged_reason(self) -> str | None:
+        """Why there is no average to use, or None when there is one."""
+        averager = self.averager
+        if averager is None:
+            return "training has not begun"
+        if averager.has_average:
+            return None
+        if averager.num_skipped:
+            return f"every snapshot ({averager.num_skipped}) held NaN or inf and was skipped"
+        return (f"no optimizer step reached the first step to average (step {self.wavg_callback.first_step}; "
+                f"training is at step {self.state.global_step})")
+
+    def _warn_unaveraged(self, consequence: str) -> None:
+        reason = self.unaveraged_reason()
+        if reason is not None and self._unaveraged_warned_at != (self.state.global_step, consequence):
+            self._unaveraged_warned_at = (self.state.global_step, consequence)
+            logger.warning("hf_wavg: NO AVERAGE yet, %s: %s", consequence, reason)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         # Checkpoints hold the raw weights: training resumes from them.
@@ -182,10 +223,17 @@ class WAvgTrainer(Trainer):
             # checkpoints away: a failure from here on leaves the previous one whole.
             self.wavg_callback.save_state(output_dir or self.args.output_dir, self.args, self.state.global_step)
             return
-        if not self.wavg_config.save_average or not self._average_ready():
+        if not self.wavg_config.save_average:
+            self._refuse_non_finite()
             super().save_model(output_dir, _internal_call)
             return
-        with self.averaged_weights():
+        if self._average_ready():
+            with self.averaged_weights():
+                self._refuse_non_finite()
+                super().save_model(output_dir, _internal_call)
+        else:
+            self._warn_unaveraged("save_model() writes the raw weights, and its record and model card say so")
+            self._refuse_non_finite()
             super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             target = output_dir or self.args.output_dir
@@ -195,9 +243,22 @@ class WAvgTrainer(Trainer):
                 self.safety_monitor.write_report(target)
                 self.safety_monitor.plot(target)
 
+    def _refuse_non_finite(self) -> None:
+        """A model folder is for using: weights holding NaN or inf are not written as one."""
+        averager = self.averager
+        if averager is not None and not averager.weights_finite():
+            raise ValueError(
+                "hf_wavg: the weights to save hold NaN or inf; refusing to write them as a model (the checkpoints "
+                "keep every saved step's raw weights and average)"
+            )
+
     def averaging_summary(self) -> dict[str, Any]:
-        """How the saved weights were averaged, with the last raw and averaged metrics."""
-        summary: dict[str, Any] = {"config": self.wavg_config.to_dict()}
+        """How the saved weights were averaged (or why they are not an average), with the
+        last raw and averaged metrics."""
+        reason = self.unaveraged_reason()
+        summary: dict[str, Any] = {"averaged": reason is None, "config": self.wavg_config.to_dict()}
+        if reason is not None:
+            summary["not_averaged_because"] = reason
         if self.averager is not None:
             summary["averager"] = self.averager.describe()
         evaluations = [log for log in self.state.log_history if any(k.startswith("eval_") for k in log)]
@@ -209,7 +270,7 @@ class WAvgTrainer(Trainer):
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         super().create_model_card(*args, **kwargs)
-        if not self.is_world_process_zero() or not self._average_ready():
+        if not self.is_world_process_zero() or not self.wavg_config.save_average:
             return
         card_path = os.path.join(self.args.output_dir, "README.md")
         with open(card_path, "a", encoding="utf-8") as handle:

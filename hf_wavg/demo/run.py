@@ -157,5 +157,7 @@ def format_report(metrics: dict[str, float], splits: list[str], seconds: float, 
     if monitor is not None and monitor.history:
         lines += ["", monitor.card_section().strip(), "",
                   f"safety suite: {_safety_runs(trainer)} runs, {_safety_seconds(trainer):.1f} s in all"]
-    lines += ["", f"averaged model saved to {saved}"]
+    reason = trainer.unaveraged_reason()
+    lines += ["", f"averaged model saved to {saved}" if reason is None
+              else f"NOT AVERAGED ({reason}): the raw weights were saved to {saved}"]
     return "\n".join(lines)
