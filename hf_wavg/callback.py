@@ -23,6 +23,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_wavg.averager import WeightAverager
+from hf_wavg.averaging.window import AveragingWindow, averaging_window, update_steps
 from hf_wavg.config import WAvgConfig
 from hf_wavg.safety.config import SafetyConfig
 from hf_wavg.safety.monitor import SafetyData, SafetyMonitor, safety_data_from
@@ -54,7 +55,7 @@ class WAvgCallback(TrainerCallback):
     """Keep a running average of the model's weights while a Trainer trains.
 
     Args:
-        config: averaging settings; defaults to ``WAvgConfig()`` (EMA, decay 0.999).
+        config: averaging settings; defaults to ``WAvgConfig()`` (an EMA over about the last fifth of training).
         resume_from_checkpoint: checkpoint folder that training resumes from. When ``None``
             and the Trainer resumes, the callback reads ``<output_dir>/checkpoint-<step>``,
             where the Trainer writes its checkpoints, after checking that its trainer state is
@@ -79,7 +80,10 @@ class WAvgCallback(TrainerCallback):
         self.config = config or WAvgConfig()
         self.resume_from_checkpoint = resume_from_checkpoint
         self.averager: WeightAverager | None = None
+        self.run_config = self.config  # with horizon resolved once the run's length is known
         self.first_step = 0
+        self.update_steps = range(0)
+        self.total_steps = 0
         self._saved_step: int | None = None
         self.safety_monitor = SafetyMonitor(safety_config) if safety_config is not None else None
         self.safety_data: SafetyData = (
@@ -92,7 +96,7 @@ class WAvgCallback(TrainerCallback):
         self.log_fn: Callable[[dict[str, float]], None] | None = None
 
     def should_update(self, step: int) -> bool:
-        return step >= self.first_step and (step - self.first_step) % self.config.update_every == 0
+        return step in self.update_steps
 
     @contextmanager
     def averaged_weights(self) -> Iterator[nn.Module]:
@@ -120,16 +124,48 @@ class WAvgCallback(TrainerCallback):
             raise ValueError("WAvgConfig.refine_every_epochs is not supported under DeepSpeed, whose optimizer "
                              "keeps its own master weights; use FSDP or DDP, or set it to 0")
         self._saved_step = None  # per run: a second train() must save its own average
-        self.averager = self.config.build_averager(model, data_parallel=args.world_size > 1)
+        self.run_config = self.config.resolved(state.max_steps)
+        self.averager = self.run_config.build_averager(model, data_parallel=args.world_size > 1)
         if args.world_size > 1:
             leave_together_at_exit()  # ranks must not leave gloo one by one (see teardown.py)
-        self.first_step = self.config.start_at(state.max_steps)
+        self.first_step = self.run_config.start_at(state.max_steps)
+        self.total_steps = state.max_steps
+        self.update_steps = update_steps(self.first_step, self.run_config.update_every, state.max_steps)
+        self._announce_window(state)
         if state.global_step > 0:
             self._restore(args, state)
 
+    def window(self, num_updates: int | None = None) -> AveragingWindow:
+        """What the average spans after ``num_updates`` snapshots (default: so far)."""
+        if self.averager is None:
+            raise RuntimeError("WAvgCallback has no averager yet: training has not begun")
+        count = self.averager.num_updates if num_updates is None else num_updates
+        return averaging_window(self.averager.strategy, count, self.update_steps, self.total_steps)
+
+    def _announce_window(self, state: TrainerState) -> None:
+        planned = self.window(len(self.update_steps))
+        if not state.is_world_process_zero:
+            return
+        if planned.is_narrow:
+            logger.warning(
+                "hf_wavg: the average will span only %s: it will be close to the last weights. Set "
+                "WAvgConfig(horizon=...) to average over a share of training", planned.sentence()
+            )
+        else:
+            logger.info("hf_wavg: the average will span %s", planned.sentence())
+        decay = self.config.ema_decay
+        if self.config.method == "ema" and self.config.horizon is None and decay is not None and planned.snapshots > 1:
+            reached = self.averager.strategy.schedule(planned.snapshots - 1)  # type: ignore[union-attr]
+            if reached < decay:
+                logger.warning(
+                    "hf_wavg: ema_decay=%g never takes effect in this run: its warm-up caps the decay at %.4g by the "
+                    "last of its %d updates. Set WAvgConfig(horizon=...) to choose the span instead",
+                    decay, reached, planned.snapshots,
+                )
+
     def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
         assert self.averager is not None
-        if self.config.restart_average_on_resume:
+        if self.run_config.restart_average_on_resume:
             logger.info("hf_wavg: resuming at step %d with a new average (restart_average_on_resume)", state.global_step)
             return
         checkpoint = self.resume_from_checkpoint
@@ -213,7 +249,7 @@ class WAvgCallback(TrainerCallback):
             self.safety_monitor.write_report(args.output_dir)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        every = self.config.refine_every_epochs
+        every = self.run_config.refine_every_epochs
         if every and self.averager is not None and self.averager.has_average:
             epoch = round(state.epoch or 0)
             if epoch > 0 and epoch % every == 0:
@@ -244,5 +280,5 @@ class WAvgCallback(TrainerCallback):
                 self.averager.load(best)
             else:
                 logger.warning("hf_wavg: best checkpoint %s holds no averager state; keeping the last average", best)
-        if self.config.load_average_at_end and self.averager.has_average:
+        if self.run_config.load_average_at_end and self.averager.has_average:
             self.averager.copy_to_model()

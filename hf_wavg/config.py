@@ -8,8 +8,9 @@ the command line, a JSON file or a YAML file. Field names do not clash with
 from __future__ import annotations
 
 import logging
+import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -20,7 +21,9 @@ from hf_wavg.averager import WeightAverager
 from hf_wavg.averaging import EMA, LAWA, SCHEDULES, SWA, AveragingStrategy, DecaySchedule
 
 METHODS = ("ema", "swa", "lawa")
+DEFAULT_EMA_HORIZON = 0.2  # share of the run an EMA spans when neither horizon nor ema_decay is set
 logger = logging.getLogger(__name__)
+_MAX_DECAY = 1.0 - 1e-9  # a float32 average cannot tell decays closer to 1 apart anyway
 
 
 def _help(text: str) -> Any:
@@ -39,7 +42,18 @@ class WAvgConfig:
     """How weights are averaged during training, evaluated, saved and resumed."""
 
     method: Literal["ema", "swa", "lawa"] = field(default="ema", metadata=_help("Averaging strategy."))
-    ema_decay: float = field(default=0.999, metadata=_help("EMA decay cap beta, in (0, 1)."))
+    horizon: float | None = field(
+        default=None,
+        metadata=_help(
+            "Average over about this share of training, in (0, 1]: EMA with time constant horizon/2 of the run "
+            "(that last share holds 86% of the weight), SWA from step (1-horizon)*max_steps, LAWA's k snapshots "
+            "spread over it. Set from max_steps when training begins; overrides ema_decay, start_step and "
+            f"start_fraction (SWA), update_every (LAWA). EMA with neither set uses {DEFAULT_EMA_HORIZON}."
+        ),
+    )
+    ema_decay: float | None = field(
+        default=None, metadata=_help("EMA decay cap beta, in (0, 1); None: set by horizon.")
+    )
     ema_schedule: Literal["constant", "rational", "power"] = field(
         default="rational",
         metadata=_help("EMA warm-up: constant, rational min(d,(1+t)/(10+t)) or power min(d,1-(1+t/gamma)^-p)."),
@@ -100,7 +114,10 @@ class WAvgConfig:
         self._check_choice("ema_schedule", SCHEDULES)
         self._check_choice("average_parameters", ("trainable", "all"))
         self._check_choice("average_buffers", ("copy", "average"))
-        self._check(0.0 < self.ema_decay < 1.0, "ema_decay", "in the open interval (0, 1)")
+        if self.ema_decay is not None:
+            self._check(0.0 < self.ema_decay < 1.0, "ema_decay", "in the open interval (0, 1) or None")
+        if self.horizon is not None:
+            self._check(0.0 < self.horizon <= 1.0, "horizon", "in (0, 1] or None")
         self._check(self.ema_power > 0.0, "ema_power", "> 0")
         self._check(self.ema_gamma > 0.0, "ema_gamma", "> 0")
         self._check_int("lawa_k", minimum=1)
@@ -147,6 +164,10 @@ class WAvgConfig:
         for name in unused:
             if getattr(self, name) != defaults[name]:
                 logger.warning("hf_wavg: WAvgConfig.%s is set but method=%r does not use it", name, self.method)
+        overridden = {"ema": ("ema_decay",), "swa": ("start_step", "start_fraction"), "lawa": ("update_every",)}
+        for name in overridden[self.method] if self.horizon is not None else ():
+            if getattr(self, name) != defaults[name]:
+                logger.warning("hf_wavg: WAvgConfig.horizon overrides %s=%r", name, getattr(self, name))
         if self.start_fraction is not None and self.start_step != defaults["start_step"]:
             logger.warning("hf_wavg: WAvgConfig.start_fraction overrides start_step=%d", self.start_step)
         if self.batchnorm_batches is not None and not self.recompute_batchnorm:
@@ -173,6 +194,24 @@ class WAvgConfig:
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    def resolved(self, max_steps: int) -> WAvgConfig:
+        """This config with ``horizon`` (or the default EMA horizon) turned into the decay,
+        start or spacing it means for a run of ``max_steps`` optimizer steps."""
+        horizon = self.horizon
+        if horizon is None and self.method == "ema" and self.ema_decay is None:
+            horizon = DEFAULT_EMA_HORIZON
+        if horizon is None:
+            return self
+        horizon_steps = max(1.0, horizon * max_steps)
+        if self.method == "ema":
+            # A time constant of half the horizon: the last horizon_steps hold 1 - e^-2 = 86%
+            # of the weight (more while the warm-up still caps the decay).
+            snapshots = max(1.0, horizon_steps / self.update_every)
+            return replace(self, horizon=None, ema_decay=min(math.exp(-2.0 / snapshots), _MAX_DECAY))
+        if self.method == "swa":
+            return replace(self, horizon=None, start_step=0, start_fraction=1.0 - horizon if horizon < 1 else None)
+        return replace(self, horizon=None, update_every=max(1, round(horizon_steps / self.lawa_k)))
+
     def start_at(self, max_steps: int) -> int:
         """The first optimizer step to fold in, given the run's total steps."""
         if self.start_fraction is not None:
@@ -182,6 +221,9 @@ class WAvgConfig:
     def build_strategy(self) -> AveragingStrategy:
         storage = torch.device("cpu") if self.offload_to_cpu else None
         if self.method == "ema":
+            if self.ema_decay is None or self.horizon is not None:
+                raise ValueError("WAvgConfig.ema_decay is set from the run's length: call resolved(max_steps) first, "
+                                 "or set ema_decay")
             schedule = DecaySchedule(self.ema_decay, self.ema_schedule, self.ema_power, self.ema_gamma)
             return EMA(schedule, storage_device=storage)
         if self.method == "swa":

@@ -46,9 +46,16 @@ def averaging_card_section(summary: dict[str, Any]) -> str:
         "|---|---|",
     ]
     lines += [f"| {key} | {averager[key]} |" for key in _SETTING_ORDER if key in averager]
-    config = summary.get("config", {})
+    requested, config = summary.get("config", {}), summary.get("resolved_config") or summary.get("config", {})
+    if requested.get("horizon") is not None:
+        lines.append(f"| horizon requested | {requested['horizon']:g} of training |")
     lines += [f"| {key} | {config[key]} |" for key in ("update_every", "start_step", "start_fraction", "average_parameters")
               if key in config]
+    window = summary.get("window")
+    if window and window.get("snapshots"):
+        lines += [f"| steps averaged | {window['first_step']}-{window['last_step']} of {window['total_steps']} |",
+                  (f"| effective window | {window['effective_window_steps']:g} steps "
+                   f"({window['share_of_training']:.1%} of training) |")]
     rows = _metric_rows(summary.get("last_evaluation", {}))
     if rows:
         lines += ["", "Last evaluation:", "", "| metric | averaged weights | raw weights |", "|---|---|---|", *rows]

@@ -261,6 +261,9 @@ class WAvgTrainer(Trainer):
             summary["not_averaged_because"] = reason
         if self.averager is not None:
             summary["averager"] = self.averager.describe()
+            summary["window"] = self.wavg_callback.window().describe()
+            if self.wavg_callback.run_config != self.wavg_config:  # a horizon set from the run's length
+                summary["resolved_config"] = self.wavg_callback.run_config.to_dict()
         evaluations = [log for log in self.state.log_history if any(k.startswith("eval_") for k in log)]
         if evaluations:
             # Raw and averaged metrics of one evaluation are logged as separate entries.

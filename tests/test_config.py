@@ -16,8 +16,10 @@ from tests.models import TiedLM
     ("field", "value", "allowed"),
     [
         ("method", "median", "one of ema, swa, lawa"),
-        ("ema_decay", 1.0, r"in the open interval \(0, 1\)"),
-        ("ema_decay", 0.0, r"in the open interval \(0, 1\)"),
+        ("ema_decay", 1.0, r"in the open interval \(0, 1\) or None"),
+        ("ema_decay", 0.0, r"in the open interval \(0, 1\) or None"),
+        ("horizon", 0.0, r"in \(0, 1\] or None"),
+        ("horizon", 1.5, r"in \(0, 1\] or None"),
         ("ema_schedule", "cosine", "one of constant, rational, power"),
         ("ema_power", 0.0, "> 0"),
         ("ema_gamma", -1.0, "> 0"),
@@ -62,7 +64,9 @@ def test_parsed_with_training_arguments_from_cli_json_and_yaml(tmp_path):
 
 
 def test_builds_the_configured_strategy():
-    assert isinstance(WAvgConfig().build_strategy(), EMA)
+    assert isinstance(WAvgConfig().resolved(100).build_strategy(), EMA)
+    with pytest.raises(ValueError, match="set from the run's length: call resolved"):
+        WAvgConfig().build_strategy()
     assert isinstance(WAvgConfig(method="swa").build_strategy(), SWA)
     lawa = WAvgConfig(method="lawa", lawa_k=4).build_strategy()
     assert isinstance(lawa, LAWA) and lawa.k == 4
@@ -86,7 +90,7 @@ def test_refining_from_the_average_is_refused_under_deepspeed(monkeypatch, tmp_p
         ({"load_average_at_end": "false"}, "load_average_at_end", "true or false"),
         ({"evaluate_raw": 1}, "evaluate_raw", "true or false"),
         ({"ema_decay": "9e-1"}, "ema_decay", "a number"),
-        ({"ema_decay": None}, "ema_decay", "a number"),
+        ({"horizon": "0.2"}, "horizon", "a number"),
         ({"lawa_k": "5"}, "lawa_k", "an integer >= 1"),
         ({"average_name_regex": 3}, "average_name_regex", "a string"),
     ],

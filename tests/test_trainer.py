@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -63,6 +64,10 @@ def test_average_saved_model_and_evaluation_match_independent_references(minilm_
     trainer.create_model_card()
     card = (tmp_path / "run" / "README.md").read_text()
     assert "## Weight averaging (hf_wavg)" in card and "| num_updates | 4 |" in card
+    # ... and what it spans: steps 2-8, 1/(1-decay) of the last update (rational warm-up: 4/13).
+    assert "| steps averaged | 2-8 of 8 |" in card
+    window = json.loads((tmp_path / "saved" / "wavg_averaging.json").read_text())["window"]
+    assert window["effective_window_steps"] == pytest.approx(2 / (1 - 4 / 13), abs=0.01)
 
 
 @pytest.mark.parametrize("method", ["ema", "lawa"])

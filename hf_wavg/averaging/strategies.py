@@ -68,6 +68,10 @@ class AveragingStrategy(ABC):
         """Settings for logs and model cards."""
         return {"method": self.name}
 
+    def effective_window(self, num_updates: int) -> float:
+        """How many of the latest snapshots the average spans after ``num_updates``."""
+        return float(num_updates)
+
 
 class RunningAverage(AveragingStrategy):
     """``avg <- avg + weight_n * (w - avg)`` where ``n`` snapshots are already folded in.
@@ -116,6 +120,12 @@ class EMA(RunningAverage):
 
     def weight(self, n: int) -> float:
         return 1.0 - self.schedule(n)
+
+    def effective_window(self, num_updates: int) -> float:
+        """``1 / (1 - beta)`` of the last update (at most the snapshots folded in)."""
+        if num_updates <= 1:
+            return float(num_updates)
+        return min(float(num_updates), 1.0 / self.weight(num_updates - 1))
 
     def describe(self) -> dict[str, Any]:
         s = self.schedule
@@ -207,6 +217,9 @@ class LAWA(AveragingStrategy):
         self._ring = [oldest_first[(slot - next_slot) % filled] for slot in range(filled)]
         self.num_updates = int(meta["num_updates"])
         self._next_slot = next_slot
+
+    def effective_window(self, num_updates: int) -> float:
+        return float(min(num_updates, self.k))
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "k": self.k}

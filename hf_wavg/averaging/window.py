@@ -1,0 +1,65 @@
+"""What an average spans: its snapshots, their steps, and its effective window as a share
+of the run, so that an average that is really the last weights says so."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hf_wavg.averaging.strategies import AveragingStrategy
+
+NARROW_WINDOW_SHARE = 0.05  # below this share of the run, the average is close to the last weights
+
+
+def update_steps(first_step: int, update_every: int, max_steps: int) -> range:
+    """The optimizer steps (numbered from 1) whose weights are folded in."""
+    start = max(first_step, 1)
+    start += (first_step - start) % update_every  # the first step on the update grid
+    return range(start, max_steps + 1, update_every)
+
+
+@dataclass(frozen=True)
+class AveragingWindow:
+    """An average over ``snapshots`` snapshots taken every ``update_every`` steps from
+    ``first_step`` to ``last_step`` of a ``total_steps``-step run."""
+
+    method: str
+    snapshots: int
+    first_step: int | None
+    last_step: int | None
+    window_steps: float  # the effective window, in optimizer steps
+    total_steps: int
+
+    @property
+    def share(self) -> float:
+        return self.window_steps / self.total_steps if self.total_steps > 0 else 0.0
+
+    @property
+    def is_narrow(self) -> bool:
+        return self.share < NARROW_WINDOW_SHARE
+
+    def describe(self) -> dict[str, Any]:
+        return {"snapshots": self.snapshots, "first_step": self.first_step, "last_step": self.last_step,
+                "effective_window_steps": round(self.window_steps, 2), "total_steps": self.total_steps,
+                "share_of_training": round(self.share, 4)}
+
+    def sentence(self) -> str:
+        if not self.snapshots:
+            return f"{self.method.upper()}: no snapshot is folded in within the {self.total_steps}-step run"
+        what = "1/(1-decay) at the last update" if self.method == "ema" else "the snapshots averaged"
+        return (f"{self.method.upper()} over {self.snapshots} snapshots (steps {self.first_step}-{self.last_step}); "
+                f"effective window {self.window_steps:.0f} steps ({what}), {self.share:.0%} of the "
+                f"{self.total_steps}-step run")
+
+
+def averaging_window(strategy: AveragingStrategy, num_updates: int, steps: range, total_steps: int) -> AveragingWindow:
+    """The window of ``strategy`` after ``num_updates`` snapshots taken at ``steps``."""
+    taken = steps[:num_updates]
+    return AveragingWindow(
+        method=strategy.name,
+        snapshots=num_updates,
+        first_step=taken[0] if taken else None,
+        last_step=taken[-1] if taken else None,
+        window_steps=strategy.effective_window(num_updates) * steps.step,
+        total_steps=total_steps,
+    )
