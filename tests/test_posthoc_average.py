@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Llam
 import hf_wavg.posthoc.merge as merge_module
 from hf_wavg.posthoc import CheckpointError, average_checkpoints, load_average_into
 from hf_wavg.posthoc.constants import MERGE_FILE
+from hf_wavg.posthoc.merge import checked_weights
 from tests.trainer_helpers import local_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -111,6 +113,63 @@ def test_pickle_checkpoints_load_with_weights_only_and_malicious_ones_are_refuse
     (evil / "config.json").write_bytes((checkpoints[0] / "config.json").read_bytes())
     with pytest.raises(CheckpointError, match="weights_only=True"):
         average_checkpoints([pickled[0], evil], tmp_path / "evil-avg", progress=False)
+
+
+def test_legacy_format_pickle_checkpoints_are_averaged_and_malicious_ones_still_refused(checkpoints, tmp_path):
+    # torch.save before torch 1.6 (or with _use_new_zipfile_serialization=False) writes a format
+    # that torch.load cannot memory-map; it is a plain pickle of tensors all the same.
+    legacy = []
+    for i, checkpoint in enumerate(checkpoints[:2]):
+        target = tmp_path / f"legacy-{i}"
+        target.mkdir()
+        torch.save(load_file(checkpoint / "model.safetensors"), target / "pytorch_model.bin",
+                   _use_new_zipfile_serialization=False)
+        legacy.append(target)
+    out = average_checkpoints(legacy, tmp_path / "avg", progress=False)
+    assert_states_equal(load_file(out / "model.safetensors"),
+                        numpy_mean([load_file(c / "model.safetensors") for c in checkpoints[:2]]))
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"weight": Exploit()}, evil / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"(?s)weights_only=True.*any other pickle can run code.*convert it"):
+        average_checkpoints([legacy[0], evil], tmp_path / "evil-avg", progress=False)
+
+
+def test_weights_are_normalised_without_overflow_and_negative_ones_kept_for_extrapolation():
+    for weights in ([1e308, 1e308], [5e-324, 5e-324], [1.0, 3.0]):
+        scaled = checked_weights(weights, 2)
+        assert all(0 < w < 1 for w in scaled) and scaled[1] / scaled[0] == weights[1] / weights[0]
+    assert checked_weights([1.0, 2.0, 3.5], 3) == [0.25, 0.5, 0.875]  # scaled by a power of two: exactly
+    assert checked_weights([2.0, -1.0], 2) == [0.5, -0.25]  # extrapolation: a positive sum is enough
+    for weights, message in (([float("inf"), 1.0], "finite"), ([1.0, -2.0], "positive sum"), ([0.0, 0.0], "positive")):
+        with pytest.raises(ValueError, match=message):
+            checked_weights(weights, 2)
+
+
+def test_an_output_holding_or_inside_an_input_is_refused_even_with_overwrite(checkpoints, tmp_path):
+    # Linked copies of a run: the checkpoints, and a file of the user's own beside them.
+    run = tmp_path / "run"
+    for checkpoint in checkpoints:
+        shutil.copytree(checkpoint, run / checkpoint.name, copy_function=os.link)
+    (run / "notes.txt").write_text("mine", encoding="utf-8")
+    (tmp_path / "link").symlink_to(run, target_is_directory=True)
+    inputs = [run / "checkpoint-4", run / "checkpoint-6"]
+    before = sorted(run.rglob("*"))
+    for out, relation in ((run, "contains"), (tmp_path / "link", "contains"), (inputs[0], "is"),
+                          (inputs[0] / "avg", "is inside")):
+        with pytest.raises(ValueError, match=f"the output folder {relation} the input"):
+            average_checkpoints(inputs, out, overwrite=True, progress=False)
+    assert sorted(run.rglob("*")) == before
+
+    # --overwrite replaces an earlier average, never a folder of something else.
+    with pytest.raises(FileExistsError, match=f"has no {MERGE_FILE}"):
+        average_checkpoints(inputs, run / "checkpoint-2", overwrite=True, progress=False)
+    assert sorted(run.rglob("*")) == before
 
 
 def test_bad_input_is_refused_with_the_reason(checkpoints, tmp_path, minilm_path):

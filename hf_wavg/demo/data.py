@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,8 @@ TEXT_COLUMNS = ("text", "sentence", "review", "content")
 LABEL_COLUMNS = ("label", "labels", "sentiment", "class")
 _LOCAL_BUILDERS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
                    ".jsonl": ("json", {})}
+# Extensions that mark a local data file, never a Hub id (those the builders above read, and others).
+_DATA_FILE_SUFFIXES = {*_LOCAL_BUILDERS, ".parquet", ".arrow", ".txt", ".xlsx", ".xls", ".gz", ".zip"}
 
 
 @dataclass
@@ -33,13 +36,24 @@ def _find_column(columns: list[str], wanted: str | None, candidates: tuple[str, 
     raise ValueError(f"no {kind} column found among {columns}; name one with --{kind}-column")
 
 
+def _looks_like_local_path(source: str) -> bool:
+    """A data-file extension, a path that starts like one (/, ./, ../, ~), a backslash, or more
+    than one '/': a Hub id is ``name`` or ``namespace/name``."""
+    return (Path(source).suffix.lower() in _DATA_FILE_SUFFIXES or source.startswith(("/", ".", "~"))
+            or "\\" in source or source.count("/") > 1)
+
+
 def _load(source: str) -> DatasetDict:
     path = Path(source)
     if path.exists():
+        if not os.access(path, os.R_OK):
+            raise PermissionError(f"dataset file {source} is not readable (permission denied)")
         if path.suffix.lower() not in _LOCAL_BUILDERS:
             raise ValueError(f"{source}: unsupported file type {path.suffix!r}; use .csv, .tsv, .json or .jsonl")
         builder, options = _LOCAL_BUILDERS[path.suffix.lower()]
         return load_dataset(builder, data_files={"train": str(path)}, **options)
+    if _looks_like_local_path(source):  # not a Hub id: say the file is missing, not that the Hub has no such dataset
+        raise FileNotFoundError(f"dataset file {source} does not exist")
     return load_dataset(source)
 
 

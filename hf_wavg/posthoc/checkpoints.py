@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -42,6 +43,26 @@ class CheckpointError(ValueError):
     """A checkpoint folder is missing, unreadable, or does not fit the others."""
 
 
+def _check_readable_folder(path: Path) -> None:
+    """Say why ``path`` cannot be read (missing, not a folder, permission denied) rather than
+    letting the failed look-ups of its files read as "holds no model weights"."""
+    try:
+        os.listdir(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except NotADirectoryError:
+        raise CheckpointError(f"{path} is not a folder") from None
+    except PermissionError:
+        raise CheckpointError(f"{path} is not readable (permission denied)") from None
+    if not os.access(path, os.R_OK | os.X_OK):  # listable but its files cannot be opened
+        raise CheckpointError(f"{path} is not readable (permission denied)")
+
+
+def _check_readable_file(path: Path) -> None:
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{path} is not readable (permission denied)")
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]
@@ -62,9 +83,10 @@ class CheckpointReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise CheckpointError(f"{self.path} is not a folder")
+        _check_readable_folder(self.path)
         self.kind, self.files = self._find_weight_files()
+        for file in self.files:
+            _check_readable_file(file)
         self._pickled: dict[Path, dict[str, Tensor]] = {}
 
     def _find_weight_files(self) -> tuple[CheckpointKind, list[Path]]:
@@ -126,13 +148,17 @@ class CheckpointReader:
     def _load_pickle(self, file: Path) -> dict[str, Tensor]:
         if file not in self._pickled:
             try:
-                # mmap keeps the storages on disk until a slice of them is read.
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                # mmap keeps the storages on disk until a slice of them is read; torch can map only
+                # the zip format (torch >= 1.6), so a legacy-format file is read into memory.
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+            except OSError as error:
+                raise CheckpointError(f"cannot read {file}: {error}") from error
             except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
                 raise CheckpointError(
-                    f"{file} could not be loaded with torch.load(weights_only=True), the only way hf_wavg opens "
-                    f"pickle files (arbitrary pickles can run code): {error}. Convert it to safetensors with a "
-                    "trusted loader first."
+                    f"{file} is refused: torch.load(weights_only=True), the only way hf_wavg opens pickle files "
+                    f"because any other pickle can run code when loaded, failed on it ({error}). If you trust the "
+                    "file, convert it with safetensors.torch.save_file(torch.load(file, weights_only=False), "
+                    "'model.safetensors') and average that."
                 ) from error
             if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
                 raise CheckpointError(f"{file} does not hold a flat dict of tensors")

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hf_wavg.posthoc.checkpoints import CheckpointReader
-from hf_wavg.posthoc.merge import average_checkpoints
+from hf_wavg.posthoc.checkpoints import CheckpointError, CheckpointReader
+from hf_wavg.posthoc.constants import DEFAULT_ALPHAS, MERGE_FILE, WISE_FT_FILE
+from hf_wavg.posthoc.merge import average_checkpoints, open_checkpoints
 from hf_wavg.posthoc.output import prepare_output_dir, staged_dir
-from hf_wavg.posthoc.constants import DEFAULT_ALPHAS, WISE_FT_FILE
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -105,9 +105,12 @@ def run(args: argparse.Namespace) -> int:
 # -- evaluation pieces ------------------------------------------------------------------------------
 
 
-def _load_model(folder: str) -> tuple[Any, Any]:
+def _load_model(folder: str, quiet: bool) -> tuple[Any, Any]:
     """A sequence classifier (a PeftModel for an adapter folder) and its tokenizer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if quiet:
+        _silence_library_progress_bars()
 
     if CheckpointReader(folder).kind == "adapter":
         from peft import AutoPeftModelForSequenceClassification
@@ -118,21 +121,39 @@ def _load_model(folder: str) -> tuple[Any, Any]:
     return model, AutoTokenizer.from_pretrained(folder)
 
 
-def _labelled_texts(args: argparse.Namespace, label2id: dict[str, int]) -> tuple[list[str], list[int]]:
+def _class_id(label: Any, label2id: dict[str, int], num_labels: int) -> int:
+    """A dataset label as one of the model's class ids: a label name, or an integer below
+    ``num_labels`` (an id past the head would index out of its logits, or be silently wrong)."""
+    if isinstance(label, str) and not label.strip().lstrip("-").isdigit():
+        if label not in label2id:
+            raise ValueError(f"label {label!r} is not one of the model's labels {sorted(label2id)}")
+        return label2id[label]
+    if label is None or (isinstance(label, float) and not label.is_integer()):
+        raise ValueError(f"label {label!r} is not a class id or a label name")
+    if not 0 <= int(label) < num_labels:
+        raise ValueError(f"label {label!r} is out of range: the model has {num_labels} classes "
+                         f"(ids 0 to {num_labels - 1})")
+    return int(label)
+
+
+def _silence_library_progress_bars() -> None:
+    """``--quiet`` silences the bars of transformers (loading weights) and datasets (reading
+    the data) too, so that stderr holds nothing but a failure's one line."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def _labelled_texts(args: argparse.Namespace, label2id: dict[str, int], num_labels: int) -> tuple[list[str], list[int]]:
     from hf_wavg.demo.data import load_split
 
     dataset = load_split(args.dataset, args.split)
     for column in (args.text_column, args.label_column):
         if column not in dataset.column_names:
             raise ValueError(f"column {column!r} is not in {args.dataset}; its columns are {dataset.column_names}")
-    labels = []
-    for label in dataset[args.label_column]:
-        if isinstance(label, str) and not label.lstrip("-").isdigit():
-            if label not in label2id:
-                raise ValueError(f"label {label!r} is not one of the model's labels {sorted(label2id)}")
-            labels.append(label2id[label])
-        else:
-            labels.append(int(label))
+    labels = [_class_id(label, label2id, num_labels) for label in dataset[args.label_column]]
     return list(dataset[args.text_column]), labels
 
 
@@ -141,7 +162,7 @@ def _evaluator(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[An
     from hf_wavg.posthoc.evaluation import ModelEvaluator
     from hf_wavg.safety.config import SafetyConfig
 
-    texts, labels = _labelled_texts(args, dict(model.config.label2id))
+    texts, labels = _labelled_texts(args, dict(model.config.label2id), model.config.num_labels)
     metric = args.metric
     safety = args.safety or (metric or "").startswith("safety/")
     task_metric = None if metric is None or metric.startswith("safety/") else metric
@@ -150,6 +171,16 @@ def _evaluator(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[An
                                batch_size=args.batch_size, max_length=args.max_length)
     key = metric if metric and metric.startswith("safety/") else (Path(metric).stem if metric else "accuracy")
     return evaluator, key
+
+
+def _local_inputs(*sources: str | None) -> list[Path]:
+    """The sources that are on disk (a Hub id is not): the output may not overlap them."""
+    return [Path(source) for source in sources if source and Path(source).exists()]
+
+
+def _adapter_base(reader: CheckpointReader) -> str | None:
+    """The base model of an adapter: the pre-trained end of its WiSE-FT."""
+    return reader.config.get("base_model_name_or_path") if reader.kind == "adapter" else None
 
 
 def _soup(args: argparse.Namespace) -> None:
@@ -161,9 +192,11 @@ def _soup(args: argparse.Namespace) -> None:
         return
     if not args.dataset:
         raise ValueError("--greedy needs --dataset: the validation data that scores each candidate soup")
-    model, tokenizer = _load_model(args.checkpoints[0])
+    readers = open_checkpoints(args.checkpoints)  # headers read and matched: a damaged file is named up front
+    prepare_output_dir(args.out, args.overwrite, _local_inputs(*args.checkpoints, args.dataset), record=MERGE_FILE)
+    model, tokenizer = _load_model(args.checkpoints[0], args.quiet)
     evaluator, key = _evaluator(args, model, tokenizer)
-    result = greedy_soup(args.checkpoints, model, evaluator, key, output_dir=args.out, overwrite=args.overwrite,
+    result = greedy_soup(readers, model, evaluator, key, output_dir=args.out, overwrite=args.overwrite,
                          progress=not args.quiet)
     print(result.to_markdown())
     print(f"greedy soup of {len(result.ingredients)} checkpoints ({key} {result.score:.4f}) written to {args.out}")
@@ -172,16 +205,21 @@ def _soup(args: argparse.Namespace) -> None:
 def _wise_ft(args: argparse.Namespace) -> None:
     from hf_wavg.posthoc.wise_ft import WiseFT
 
-    model, tokenizer = _load_model(args.finetuned)
-    if args.out:
-        prepare_output_dir(args.out, args.overwrite, [Path(args.finetuned)])
+    finetuned = CheckpointReader(args.finetuned)
+    if not finetuned.tensors:  # reads the headers: a damaged file is named before any work
+        raise CheckpointError(f"{args.finetuned} holds no tensors")
+    output = None
+    if args.out:  # before any work
+        sources = _local_inputs(args.finetuned, args.pretrained, _adapter_base(finetuned), args.dataset)
+        output = prepare_output_dir(args.out, args.overwrite, sources, record=WISE_FT_FILE)
+    model, tokenizer = _load_model(args.finetuned, args.quiet)
     evaluator, key = _evaluator(args, model, tokenizer)
     interpolation = WiseFT(model, args.pretrained)
     result = interpolation.sweep(evaluator, args.alphas, select=args.select or key, progress=not args.quiet)
     print(result.to_markdown())
     print(f"best {result.selected_by}: alpha = {result.selected_alpha:g}")
-    if args.out:
-        with staged_dir(Path(args.out)) as staging:
+    if output is not None:
+        with staged_dir(output) as staging:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
             record = {**result.to_dict(), "finetuned": args.finetuned, "pretrained": args.pretrained}

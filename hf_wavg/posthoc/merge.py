@@ -79,8 +79,14 @@ def check_compatible(readers: Sequence[CheckpointReader]) -> None:
 
 
 def checked_weights(weights: Sequence[float] | None, count: int) -> list[float]:
-    """``weights`` (default: all 1) checked to be finite, one per checkpoint, with a positive sum.
-    Single weights may be negative (extrapolation), their sum may not."""
+    """``weights`` (default: all 1) checked to be one per checkpoint and finite, with a positive
+    sum (single weights may be negative: extrapolation), and scaled by a power of two so that
+    the largest magnitude is in [0.5, 1).
+
+    The scaling keeps their sum (and the accumulated slices) from overflowing however large
+    the weights given (``--weights 1e308 1e308``). A power of two scales exactly, so the
+    average is bit for bit the one of the weights as given (short of a weight some 2**1000
+    times smaller than the largest, which underflows towards 0)."""
     if weights is None:
         return [1.0] * count
     weights = [float(w) for w in weights]
@@ -88,9 +94,11 @@ def checked_weights(weights: Sequence[float] | None, count: int) -> list[float]:
         raise ValueError(f"got {len(weights)} weights for {count} checkpoints")
     if not all(math.isfinite(w) for w in weights):
         raise ValueError(f"weights must be finite; got {weights}")
-    if math.fsum(weights) <= 0:
-        raise ValueError(f"weights must have a positive sum; got {weights} (sum {math.fsum(weights)})")
-    return weights
+    exponent = math.frexp(max(abs(w) for w in weights))[1]
+    scaled = [math.ldexp(w, -exponent) for w in weights]  # not w * 2.0**-exponent: that factor overflows for tiny weights
+    if math.fsum(scaled) <= 0:
+        raise ValueError(f"weights must have a positive sum; got {weights}")
+    return scaled
 
 
 def _row_chunks(shape: tuple[int, ...]) -> list[tuple[int | None, int | None]]:
@@ -194,7 +202,7 @@ def average_checkpoints(
     """
     readers = open_checkpoints(checkpoints)
     weights = checked_weights(weights, len(readers))
-    output = prepare_output_dir(output_dir, overwrite, [reader.path for reader in readers])
+    output = prepare_output_dir(output_dir, overwrite, [reader.path for reader in readers], record=MERGE_FILE)
     reference = readers[0]
     if reference.kind == "adapter" and len(readers) > 1:
         logger.info("hf_wavg: averaging LoRA factors separately gives avg(B)avg(A), an approximation of avg(BA)")

@@ -15,10 +15,11 @@ from tqdm.auto import tqdm
 
 from hf_wavg.model_card import soup_trials_table
 from hf_wavg.posthoc.checkpoints import CheckpointReader
+from hf_wavg.posthoc.constants import MERGE_FILE
 from hf_wavg.posthoc.evaluation import greater_is_better as metric_greater_is_better
 from hf_wavg.posthoc.merge import Checkpoint, average_checkpoints, open_checkpoints
-from hf_wavg.posthoc.output import prepare_output_dir
 from hf_wavg.posthoc.model_weights import load_average_into
+from hf_wavg.posthoc.output import prepare_output_dir
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
 
@@ -81,7 +82,8 @@ def greedy_soup(
     """
     readers = open_checkpoints(checkpoints)
     if output_dir is not None:
-        prepare_output_dir(output_dir, overwrite, [reader.path for reader in readers])  # fail before the evaluations, not after
+        # Fail before the evaluations, not after.
+        prepare_output_dir(output_dir, overwrite, [reader.path for reader in readers], record=MERGE_FILE)
     higher_better = metric_greater_is_better(metric) if greater_is_better is None else greater_is_better
 
     def score(members: list[CheckpointReader]) -> dict[str, float]:
