@@ -14,7 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
+from huggingface_hub.utils import filter_repo_objects
 
 from hf_wavg.model_card import AVERAGING_FILE, averaging_card_section, merge_card_section, wise_ft_card_section
 from hf_wavg.posthoc.checkpoints import (
@@ -53,18 +55,17 @@ def has_averaging_record(directory: str | os.PathLike[str]) -> bool:
     return any((Path(directory) / name).is_file() for name in (AVERAGING_FILE, MERGE_FILE, WISE_FT_FILE))
 
 
-def write_model_card(directory: str | os.PathLike[str], repo_id: str | None = None) -> Path:
-    """Make sure ``directory/README.md`` carries the hf_wavg sections: a card that already has
-    them is left alone, another card gets them appended, and a missing one is created."""
+def model_card_text(directory: str | os.PathLike[str], repo_id: str | None = None) -> str:
+    """``directory/README.md`` with the hf_wavg sections: a card that already has them as it
+    is, another card with them appended, and a new card where there is none."""
     directory = Path(directory)
     path = directory / "README.md"
     existing = path.read_text(encoding="utf-8") if path.is_file() else None
     if existing is not None and CARD_MARKER in existing:
-        return path
+        return existing
     sections = card_sections(directory)
     if existing is not None:
-        path.write_text(existing.rstrip("\n") + "\n\n" + sections, encoding="utf-8")
-        return path
+        return existing.rstrip("\n") + "\n\n" + sections
     reader = CheckpointReader(directory)
     data = ModelCardData(library_name="peft" if reader.kind == "adapter" else "transformers",
                          tags=["hf-wavg", "weight-averaging"])
@@ -72,9 +73,33 @@ def write_model_card(directory: str | os.PathLike[str], repo_id: str | None = No
     if base and not Path(base).exists():  # a Hub id, not a local folder
         data.base_model = base
     title = repo_id.split("/")[-1] if repo_id else directory.resolve().name
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n{sections}")
-    card.save(path)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n{sections}"))
+
+
+def write_model_card(directory: str | os.PathLike[str], repo_id: str | None = None) -> Path:
+    """Write :func:`model_card_text` to ``directory/README.md`` (``push_to_hub`` does not: it
+    uploads the card without touching the folder)."""
+    path = Path(directory) / "README.md"
+    path.write_text(model_card_text(directory, repo_id), encoding="utf-8", newline="")  # keep the card's newlines
     return path
+
+
+def _resolve_token(token: str | None) -> str:
+    """``token``, else ``HF_TOKEN`` or the saved login: checked before anything is read or sent."""
+    token = token or get_token()
+    if not token:
+        raise ValueError("no Hugging Face token: pass --token (token=...), set HF_TOKEN, or run `hf auth login`")
+    return token
+
+
+def _upload_operations(directory: Path, card: str) -> list[CommitOperationAdd]:
+    """The folder's files that are published (see ``IGNORE_PATTERNS``), its README.md replaced
+    by ``card``, which is uploaded from memory so that the folder is never modified."""
+    files = sorted(path.relative_to(directory).as_posix() for path in directory.rglob("*") if path.is_file())
+    ignore = [*IGNORE_PATTERNS, *DEFAULT_IGNORE_PATTERNS, "README.md"]
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=directory / name)
+                  for name in filter_repo_objects(files, ignore_patterns=ignore)]
+    return [*operations, CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8"))]
 
 
 def push_to_hub(
@@ -88,13 +113,16 @@ def push_to_hub(
     create_pr: bool = False,
     allow_unaveraged: bool = False,
 ) -> Any:
-    """Upload ``directory`` (weights, config, tokenizer, records, plots and the card written
-    by :func:`write_model_card`) to the model repo ``repo_id``, created if missing.
+    """Upload ``directory`` (weights, config, tokenizer, records, plots and the card of
+    :func:`model_card_text`) to the model repo ``repo_id``, created if missing, in one commit.
 
     A folder without an hf_wavg record (a raw training checkpoint, say) is refused unless
     ``allow_unaveraged``, so that raw weights are not published as an average by mistake.
-    The token goes to huggingface_hub only; it is never printed or logged.
+    ``token`` defaults to huggingface_hub's (``HF_TOKEN`` or the saved login); without one,
+    nothing is attempted. The token goes to huggingface_hub only; it is never printed or
+    logged. The folder is left as it was, whether the upload succeeds or fails.
     """
+    token = _resolve_token(token)
     directory = Path(directory)
     reader = CheckpointReader(directory)  # fails early, with the reason, on a folder without weights
     if not has_averaging_record(directory) and not allow_unaveraged:
@@ -104,11 +132,11 @@ def push_to_hub(
             "its weights are not an average. Push WAvgTrainer's output folder or the output of `hf-wavg average`, "
             "or pass allow_unaveraged=True (--allow-unaveraged)."
         )
-    write_model_card(directory, repo_id)
+    operations = _upload_operations(directory, model_card_text(directory, repo_id))
     api = HfApi(token=token)
     repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     logger.info("hf_wavg: uploading %s (%s weights) to %s", directory, reader.kind, repo.repo_id)
-    return api.upload_folder(
-        repo_id=repo.repo_id, folder_path=directory, commit_message=commit_message, revision=revision,
-        create_pr=create_pr, ignore_patterns=IGNORE_PATTERNS,
+    return api.create_commit(
+        repo_id=repo.repo_id, operations=operations, commit_message=commit_message, revision=revision,
+        create_pr=create_pr,
     )

@@ -3,6 +3,7 @@ pointing HfApi's repo creation and commit at a recorder (no network)."""
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import logging
@@ -15,7 +16,9 @@ from huggingface_hub import CommitInfo, HfApi, RepoUrl
 from huggingface_hub.repocard import metadata_load
 from safetensors.torch import load as load_safetensors
 
+import huggingface_hub.constants
 import huggingface_hub.hf_api
+from huggingface_hub.errors import HfHubHTTPError
 from hf_wavg import SafetyConfig, WAvgConfig
 from hf_wavg.cli import main
 from hf_wavg.posthoc import average_checkpoints
@@ -152,6 +155,69 @@ def test_push_refuses_raw_checkpoints_and_never_uploads_training_state(checkpoin
     import shutil
 
     shutil.copytree(raw, copy)
-    assert main(["push", str(copy), "someone/raw", "--allow-unaveraged"]) == 0
+    assert main(["push", str(copy), "someone/raw", "--allow-unaveraged", "--token", TOKEN]) == 0
     assert "model.safetensors" in hub.files
     assert not {n for n in hub.files if re.match(r"(optimizer|scheduler|rng_state|trainer_state|training_args)", n)}
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def push_fails(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """``hf-wavg push argv`` failed like argparse: exit status 2 and one line on stderr."""
+    assert main(["push", *argv]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hf-wavg push: error: "), lines
+    return lines[0]
+
+
+def logged_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No token in the environment and no saved login."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
+
+
+def network_down() -> Exception:
+    """What huggingface_hub's HTTP client raises without a network (httpx's, not an OSError)."""
+    client = importlib.import_module(HfHubHTTPError.__mro__[1].__module__.split(".")[0])
+    return getattr(client, "ConnectError", getattr(client, "ConnectionError", ConnectionError))(
+        "[Errno -2] Name or service not known")
+
+
+def test_push_without_a_token_or_offline_fails_in_one_line_and_leaves_the_folder_as_it_was(
+        checkpoints, tmp_path, capsys, monkeypatch):
+    out = average_checkpoints(checkpoints[:2], tmp_path / "avg", progress=False)
+    before = folder_bytes(out)
+    sent = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda *args, **kwargs: sent.append(args))
+
+    logged_out(monkeypatch, tmp_path)
+    assert "no Hugging Face token" in push_fails(capsys, str(out), "someone/avg")
+    assert not sent  # checked before anything is sent
+    monkeypatch.undo()
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    line = push_fails(capsys, str(out), "someone/avg", "--token", TOKEN)
+    assert "offline mode is enabled" in line and TOKEN not in line
+    assert folder_bytes(out) == before  # no README.md written into it
+
+
+def test_push_failing_mid_upload_or_succeeding_never_modifies_the_folder(checkpoints, tmp_path, hub, capsys,
+                                                                           monkeypatch):
+    out = average_checkpoints(checkpoints[:2], tmp_path / "avg", progress=False)
+    before = folder_bytes(out)
+
+    def unreachable(*args, **kwargs):
+        raise network_down()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(HfApi, "create_commit", unreachable)
+        line = push_fails(capsys, str(out), "someone/avg", "--token", TOKEN)
+    assert "Name or service not known" in line and TOKEN not in line
+    assert folder_bytes(out) == before
+
+    assert main(["push", str(out), "someone/avg", "--token", TOKEN]) == 0
+    assert "## Checkpoint averaging (hf_wavg)" in hub.card()  # the card went up from memory
+    assert folder_bytes(out) == before
