@@ -46,7 +46,7 @@ def build(variant: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
         base = LlamaForCausalLM(LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1536,
                                             num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8))
         model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-        return model.to(device), WAvgConfig()
+        return model.to(device), WAvgConfig(ema_decay=0.999)  # any fixed decay: memory does not depend on it
     from transformers import AutoModelForSequenceClassification
 
     from hf_wavg.demo.run import default_model_path
@@ -54,7 +54,7 @@ def build(variant: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
     model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
     if variant == "bf16":
         model = model.to(torch.bfloat16)
-    return model.to(device), WAvgConfig(offload_to_cpu=variant == "offload")
+    return model.to(device), WAvgConfig(ema_decay=0.999, offload_to_cpu=variant == "offload")
 
 
 def measure(variant: str, device_name: str) -> dict[str, Any]:
