@@ -78,10 +78,14 @@ class WeightAverager:
         return self._swapped
 
     @torch.no_grad()
-    def update(self, step: int | None = None) -> bool:
-        """Fold the model's current weights in; return False if the snapshot was skipped."""
+    def update(self, step: int | None = None, known_finite: bool = False) -> bool:
+        """Fold the model's current weights in; return False if the snapshot was skipped.
+
+        ``known_finite``: the caller knows the weights are finite (see
+        :class:`hf_wavg.WAvgCallback`), so the check, a second read of every weight, is
+        left out. Every process must pass the same value."""
         snapshot = self.selection.tensors()
-        if self.skip_non_finite and not self._all_finite(snapshot):
+        if self.skip_non_finite and not known_finite and not self._all_finite(snapshot):
             self.num_skipped += 1
             if self.num_skipped == 1:
                 logger.warning(
@@ -93,6 +97,12 @@ class WeightAverager:
         self.strategy.update(snapshot)
         self.last_update_step = step
         return True
+
+    @property
+    def averages_float32_weights(self) -> bool:
+        """Whether every averaged weight is float32: they cannot overflow on an optimizer
+        step as half-precision weights can."""
+        return all(t.dtype == torch.float32 for t in self.selection.tensors())
 
     def weights_finite(self) -> bool:
         """Whether the model's selected tensors (the average, while swapped in) are finite,

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -84,6 +86,11 @@ class WAvgCallback(TrainerCallback):
         self.first_step = 0
         self.update_steps = range(0)
         self.total_steps = 0
+        # Whether every optimizer step since the last check kept the weights finite (a lazy
+        # boolean tensor), or None: the next snapshot must be read to know.
+        self._finite_since_check: torch.Tensor | None = None
+        self._step_signal: tuple[Any, list[float]] | None = None
+        self._float32_weights = False
         self._saved_step: int | None = None
         self.safety_monitor = SafetyMonitor(safety_config) if safety_config is not None else None
         self.safety_data: SafetyData = (
@@ -132,6 +139,10 @@ class WAvgCallback(TrainerCallback):
         self.total_steps = state.max_steps
         self.update_steps = update_steps(self.first_step, self.run_config.update_every, state.max_steps)
         self._announce_window(state)
+        # Weights are read once (the first update checks them); after that a step with a
+        # finite gradient norm keeps them finite. Half-precision weights can overflow.
+        self._finite_since_check, self._step_signal = None, None
+        self._float32_weights = self.averager.averages_float32_weights
         if state.global_step > 0:
             self._restore(args, state)
 
@@ -201,11 +212,44 @@ class WAvgCallback(TrainerCallback):
         # A step skipped by the fp16 loss scaler left the weights unchanged: folding them
         # in again would count one snapshot twice.
         if self.averager is None or getattr(optimizer, "step_was_skipped", False):
+            self._finite_since_check = None
             return
-        if self.should_update(state.global_step) and self.averager.update(step=state.global_step):
+        kept_finite = self._step_kept_weights_finite()
+        if self._finite_since_check is not None and kept_finite is not None:
+            self._finite_since_check = self._finite_since_check & kept_finite  # on the device: no sync
+        else:
+            self._finite_since_check = None
+        if not self.should_update(state.global_step):
+            return
+        known_finite = self._finite_since_check is not None and bool(self._finite_since_check)
+        updated = self.averager.update(step=state.global_step, known_finite=known_finite)
+        # Checked (or known) finite now; a skipped snapshot leaves the next one to be checked.
+        self._finite_since_check = torch.tensor(True) if updated else None
+        if updated:
             every = self.safety_monitor.config.safety_every_updates if self.safety_monitor else 0
             if every and self.averager.num_updates % every == 0:
                 self._run_safety(args, state, kwargs.get("model"), kwargs.get("processing_class"), None)
+
+    def note_step_signal(self, grad_norm: Any, learning_rates: list[float]) -> None:
+        """The gradient norm (a float or a 0-d tensor) and learning rates of the coming
+        optimizer step: :class:`WAvgTrainer` passes those the Trainer has anyway."""
+        self._step_signal = (grad_norm, learning_rates)
+
+    def _step_kept_weights_finite(self) -> torch.Tensor | None:
+        """Whether this optimizer step took finite float32 weights to finite ones: its
+        gradient norm and learning rates were finite. The weights' finiteness then carries
+        over from the last check without reading them again, as long as the optimizer maps
+        finite weights, gradients and rates to finite weights (SGD, Adam and AdamW with
+        eps > 0, Adafactor, Lion...). Without a gradient norm (a Trainer other than
+        WAvgTrainer) every snapshot is checked. Returns a boolean 0-d tensor, left on the
+        gradient's device (read once per update, not per step), or None when unknown."""
+        signal, self._step_signal = self._step_signal, None
+        if signal is None or signal[0] is None or not self._float32_weights:
+            return None
+        grad_norm, rates = signal
+        if not all(math.isfinite(float(rate)) for rate in rates):
+            return None
+        return torch.isfinite(torch.as_tensor(grad_norm))
 
     def on_evaluate(
         self,
@@ -254,6 +298,7 @@ class WAvgCallback(TrainerCallback):
             epoch = round(state.epoch or 0)
             if epoch > 0 and epoch % every == 0:
                 self.averager.copy_to_model()
+                self._finite_since_check = None  # written from outside the optimizer: check them again
                 logger.info("hf_wavg: epoch %d, training continues from the average", epoch)
 
     def save_state(self, checkpoint_dir: str, args: TrainingArguments, step: int) -> None:

@@ -208,6 +208,14 @@ class WAvgTrainer(Trainer):
             self._unaveraged_warned_at = (self.state.global_step, consequence)
             logger.warning("hf_wavg: NO AVERAGE yet, %s: %s", consequence, reason)
 
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        # The norm the Trainer computes every optimizer step tells the callback whether the
+        # step kept the weights finite, so the average need not read them twice.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        rates = [group.get("lr", float("nan")) for group in self.optimizer.param_groups]
+        self.wavg_callback.note_step_signal(grad_norm, rates)
+        return grad_norm
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         # Checkpoints hold the raw weights: training resumes from them.
         self._saving_checkpoint = True
