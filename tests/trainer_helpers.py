@@ -11,6 +11,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
     DataCollatorWithPadding,
     PreTrainedTokenizerFast,
     TrainerCallback,
@@ -58,17 +60,27 @@ def training_args(output_dir: Path, **overrides: Any) -> TrainingArguments:
     return TrainingArguments(**settings)
 
 
+def tiny_bert_classifier(tokenizer: Any, seed: int = 0) -> torch.nn.Module:
+    """A one-layer BERT classifier built from a config (seconds to train and save)."""
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    return BertForSequenceClassification(config)
+
+
 def make_trainer(model_path: str, output_dir: Path, config: WAvgConfig | None = None, trainer_cls: type = WAvgTrainer,
-                 **overrides: Any) -> Any:
+                 tiny: bool = False, **overrides: Any) -> Any:
+    """A trainer on the sample data: MiniLM with a seeded head, or with ``tiny`` a one-layer
+    BERT from a config (MiniLM's tokenizer either way)."""
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     callbacks = overrides.pop("callbacks", None)
     compute_metrics = overrides.pop("compute_metrics", None)
-    kwargs: dict[str, Any] = {"wavg_config": config} if trainer_cls is WAvgTrainer else {}
+    kwargs: dict[str, Any] = {"wavg_config": config} if issubclass(trainer_cls, WAvgTrainer) else {}
     for name in ("safety_config", "safety_dataset"):
         if name in overrides:
             kwargs[name] = overrides.pop(name)
     return trainer_cls(
-        model=seeded_classifier(model_path),
+        model=tiny_bert_classifier(tokenizer) if tiny else seeded_classifier(model_path),
         args=training_args(output_dir, **overrides),
         train_dataset=tiny_dataset(tokenizer),
         eval_dataset=tiny_dataset(tokenizer, rows=16, seed=2),
