@@ -1,6 +1,7 @@
 """Time of one EMA update of a BERT-base-sized model, hf_wavg against the alternatives.
 
-Every method runs in the same process on the same model, one after the other; memory
+Every method runs in the same process on the same model, in interleaved rounds (each round
+times one update of every method, so drift in the machine's speed hits all alike); memory
 (the resident-set growth from building the averager and doing one update) is measured for
 each method in a fresh subprocess, so one method's freed memory cannot hide another's.
 The bound is one ``torch.lerp_`` over flat float32 buffers holding as many elements as the
@@ -11,7 +12,7 @@ model: no averager can move fewer bytes.
     python benchmarks/update_speed.py --device cuda --dtype bfloat16 --size 1b   # a 1.3B model on a GPU
 
 For hf_wavg, the table also gives the bytes an update must move (read and write the float32
-average, read the weights; once more with the finite check) per second, as a share of the
+average, read the weights; once more with the full finite check) per second, as a share of the
 measured copy bandwidth (``copy_`` of flat float32 buffers the model's size).
 """
 
@@ -20,8 +21,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, median_seconds, mib, write_results  # noqa: E402
+from common import RESULTS, markdown_table, mib, write_results  # noqa: E402
 
 from hf_wavg import EMA, DecaySchedule, WeightAverager  # noqa: E402
 
@@ -43,6 +46,8 @@ SIZES = {
     "1b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, intermediate_size=8192),  # 1.3B
 }
 COPY_BOUND = "bound: copy_ of flat float32 buffers"
+DEFAULT = "hf_wavg EMA (default in WAvgTrainer: finite by the gradient norm)"
+FULL_CHECK = "hf_wavg EMA (full finite check: bare callback, half-precision weights)"
 
 
 def build_model(size: str, device: str, dtype: torch.dtype) -> nn.Module:
@@ -77,12 +82,20 @@ def make_updaters(model: nn.Module) -> dict[str, Callable[[], Callable[[], None]
         weights = torch.randn_like(average)
         return lambda: average.lerp_(weights, 1 - DECAY)
 
-    def hf_wavg(check: bool) -> Callable[[], Callable[[], None]]:
+    def hf_wavg(check: str) -> Callable[[], Callable[[], None]]:
         def factory() -> Callable[[], None]:
             averager = WeightAverager(model, EMA(DecaySchedule(DECAY, "constant")), parameters="all",
-                                      skip_non_finite=check)
+                                      skip_non_finite=check != "off")
             averager.update()
-            return averager.update
+            if check != "signal":
+                return averager.update
+            # What WAvgCallback does under WAvgTrainer: the step's gradient norm (which the
+            # Trainer computes anyway) says the weights stayed finite; one flag read per update.
+            grad_norm = torch.tensor(1.0, device=next(model.parameters()).device)
+
+            def update() -> None:
+                averager.update(known_finite=bool(torch.tensor(True) & torch.isfinite(grad_norm)))
+            return update
         return factory
 
     def naive() -> Callable[[], None]:
@@ -122,14 +135,33 @@ def make_updaters(model: nn.Module) -> dict[str, Callable[[], Callable[[], None]
     return {
         COPY_BOUND: copy_bound,
         "bound: one lerp_ over flat buffers": bound,
-        "hf_wavg EMA (no finite check)": hf_wavg(False),
-        "hf_wavg EMA (default, finite check)": hf_wavg(True),
+        DEFAULT: hf_wavg("signal"),
+        FULL_CHECK: hf_wavg("full"),
+        "hf_wavg EMA (skip_non_finite=False)": hf_wavg("off"),
         "naive per-parameter loop": naive,
         "torch swa_utils AveragedModel": swa_utils,
         "timm ModelEmaV3": timm,
         "diffusers EMAModel (foreach)": diffusers,
         "ema-pytorch EMA": ema_pytorch,
     }
+
+
+def interleaved_medians(updaters: dict[str, Callable[[], None]], repeats: int,
+                        sync: Callable[[], None] | None) -> dict[str, float]:
+    """Median time of each updater over ``repeats`` rounds, each round timing one update of
+    every method in turn, so that a drift in the machine's speed hits all of them alike."""
+    sync = sync or (lambda: None)
+    for update in [*updaters.values()] * 2:  # warm-up
+        update()
+    times: dict[str, list[float]] = {name: [] for name in updaters}
+    for _ in range(repeats):
+        for name, update in updaters.items():
+            sync()
+            start = time.perf_counter()
+            update()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def measure_memory(method: str, args: argparse.Namespace) -> int | None:
@@ -169,24 +201,27 @@ def main() -> None:
     numel = sum(p.numel() for p in model.parameters())
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     results: dict[str, dict[str, Any]] = {}
+    updaters: dict[str, Callable[[], None]] = {}
     for name, factory in make_updaters(model).items():
         try:
-            update = factory()
+            updaters[name] = factory()
         except ImportError as error:
             results[name] = {"error": f"not installed: {error}"}
-            continue
-        seconds = median_seconds(update, args.repeats, sync=sync)
-        results[name] = {"seconds": seconds, "memory_bytes": None if args.no_memory else measure_memory(name, args)}
-        del update
+    for name, seconds in interleaved_medians(updaters, args.repeats, sync).items():
+        results[name] = {"seconds": seconds}
+    del updaters
+    for name, result in results.items():
+        if "seconds" in result:
+            result["memory_bytes"] = None if args.no_memory else measure_memory(name, args)
 
     bound = results["bound: one lerp_ over flat buffers"]["seconds"]
-    ours = results["hf_wavg EMA (default, finite check)"]["seconds"]
+    ours = results[DEFAULT]["seconds"]
     copy_bandwidth = 8 * numel / results[COPY_BOUND]["seconds"]  # bytes read + written per second
     weight_bytes = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     # Bytes an update must move per parameter: read and write the float32 average, read the
-    # weight (twice with the finite check, which reads the weights once more).
-    moved = {"hf_wavg EMA (no finite check)": 8 + weight_bytes,
-             "hf_wavg EMA (default, finite check)": 8 + 2 * weight_bytes}
+    # weight (twice with the full finite check, which reads the weights once more).
+    moved = {DEFAULT: 8 + weight_bytes, FULL_CHECK: 8 + 2 * weight_bytes,
+             "hf_wavg EMA (skip_non_finite=False)": 8 + weight_bytes}
     for name, per_parameter in moved.items():
         results[name]["bandwidth_share"] = per_parameter * numel / results[name]["seconds"] / copy_bandwidth
     rows = []
@@ -208,7 +243,7 @@ def main() -> None:
          "extra resident memory"], rows)
     title = f"update_speed-{args.size}-{args.device}-{args.dtype}"
     header = (f"One EMA update (decay {DECAY}) of a BERT-{args.size} model ({numel / 1e6:.1f}M parameters, "
-              f"{args.dtype}, {args.device}); median of {args.repeats} after 2 warm-up updates. Copy bandwidth "
+              f"{args.dtype}, {args.device}); median of {args.repeats} interleaved rounds after 2 warm-up rounds. Copy bandwidth "
               f"(copy_ of flat float32 buffers): {copy_bandwidth / 1e9:.1f} GB/s.\n\n")
     command = "python benchmarks/update_speed.py " + " ".join(sys.argv[1:])
     path = write_results(title, command.strip(), header + table, {"numel": numel, "results": results},

@@ -22,7 +22,9 @@ def run(script: str, *args: str) -> str:
 
 def test_update_speed_smoke(tmp_path):
     out = run("update_speed.py", "--size", "tiny", "--repeats", "1", "--no-memory", "--output-dir", str(tmp_path))
-    assert "| hf_wavg EMA (default, finite check) |" in out and "| bound: one lerp_ over flat buffers | " in out
+    assert "| hf_wavg EMA (default in WAvgTrainer: finite by the gradient norm) |" in out
+    assert "| hf_wavg EMA (full finite check: bare callback, half-precision weights) |" in out
+    assert "| bound: one lerp_ over flat buffers | " in out
     assert (tmp_path / "update_speed-tiny-cpu-float32.json").is_file()
 
 

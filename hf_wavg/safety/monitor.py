@@ -229,8 +229,9 @@ def format_table(entries: list[dict[str, Any]], confidence_level: float, title: 
         metrics = latest[weights]["metrics"]  # type: ignore[index]
         cell = worst_cell(metrics)
         if cell is not None:
+            p_value = metrics["counterfactual/group_gap_p_value"]
             lines.append(f"\nWorst group gap ({weights}): {cell} "
-                         f"(no group effect anywhere: permutation p = {metrics['counterfactual/group_gap_p_value']:.3f})")
+                         f"(permutation test of no group effect in any cell: p = {p_value:.3f})")
     return "\n".join(lines) + "\n"
 
 
