@@ -21,8 +21,6 @@ from hf_wavg.state_io import AveragerStateError
 
 logger = logging.getLogger(__name__)
 
-_KEY_SEPARATOR = "::"
-
 
 class WeightAverager:
     """Keeps a running average of some of ``model``'s tensors.
@@ -219,7 +217,7 @@ class WeightAverager:
         process that writes the record."""
         buffers, strategy_meta = self.strategy.state()
         tensors = {
-            f"{group}{_KEY_SEPARATOR}{name}": tensor
+            state_io.tensor_key(group, name): tensor
             for group, group_tensors in buffers.items()
             for name, tensor, piece in zip(self.selection.names, group_tensors, self.selection.pieces)
             if piece.numel
@@ -277,7 +275,7 @@ class WeightAverager:
             live = self.selection.tensors()
             groups = {
                 group: [
-                    reader.read(f"{group}{_KEY_SEPARATOR}{name}", name, piece.start, piece.stop).view(like.shape)
+                    reader.read(state_io.tensor_key(group, name), name, piece.start, piece.stop).view(like.shape)
                     for name, piece, like in zip(self.selection.names, self.selection.pieces, live)
                 ]
                 for group in record["groups"]

@@ -190,10 +190,6 @@ class WAvgConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
     def resolved(self, max_steps: int) -> WAvgConfig:
         """This config with ``horizon`` (or the default EMA horizon) turned into the decay,
         start or spacing it means for a run of ``max_steps`` optimizer steps."""

@@ -37,8 +37,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 META_FILE = "wavg_state.json"
-_TENSOR_FILE_PATTERN = "wavg_state-*.safetensors"
-_TENSOR_FILE_NAME = re.compile(r"wavg_state-\d{5}-of-\d{5}-[0-9a-f]{8}\.safetensors")
+TENSOR_FILE_PREFIX = "wavg_state-"
+_TENSOR_FILE_PATTERN = f"{TENSOR_FILE_PREFIX}*.safetensors"
+_TENSOR_FILE_NAME = re.compile(rf"{TENSOR_FILE_PREFIX}\d{{5}}-of-\d{{5}}-[0-9a-f]{{8}}\.safetensors")
 FORMAT_VERSION = 3
 _READABLE_VERSIONS = (2, FORMAT_VERSION)  # 2: no checksums, no recorded settings
 
@@ -62,6 +63,11 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def tensor_key(group: str, name: str) -> str:
+    """The key of averaged tensor ``name``'s buffer ``group`` in the tensor files."""
+    return f"{group}::{name}"
+
+
 def has_state(directory: str | os.PathLike[str]) -> bool:
     """Whether ``directory`` holds a complete state (its record is written last)."""
     return (Path(directory) / META_FILE).is_file()
@@ -69,7 +75,7 @@ def has_state(directory: str | os.PathLike[str]) -> bool:
 
 def tensor_file_name(rank: int = 0, world_size: int = 1) -> str:
     """A new file name for this rank's pieces, unlike any an earlier save used."""
-    return f"wavg_state-{rank:05d}-of-{world_size:05d}-{secrets.token_hex(4)}.safetensors"
+    return f"{TENSOR_FILE_PREFIX}{rank:05d}-of-{world_size:05d}-{secrets.token_hex(4)}.safetensors"
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -280,7 +286,7 @@ def load_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Tensor], di
     record. Holds the full average in memory, whichever layout wrote it."""
     with open_state(directory) as (record, reader):
         tensors = {
-            f"{group}::{name}": reader.read(f"{group}::{name}", name, 0, math.prod(shape)).view(shape)
+            tensor_key(group, name): reader.read(tensor_key(group, name), name, 0, math.prod(shape)).view(shape)
             for group in record["groups"]
             for name, shape in record["shapes"].items()
         }

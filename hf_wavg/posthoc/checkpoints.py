@@ -22,6 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from hf_wavg import state_io
+
 CheckpointKind = Literal["model", "adapter"]
 
 # (index file, single file) per kind and format, in the order they are looked for.
@@ -105,10 +107,6 @@ class CheckpointReader:
             "adapter_model.safetensors, or pytorch_model.bin"
         )
 
-    @property
-    def is_pickle(self) -> bool:
-        return self.files[0].suffix == ".bin"
-
     @cached_property
     def tensors(self) -> dict[str, TensorInfo]:
         """Name -> shape, dtype and file, in file order, without reading any tensor data."""
@@ -172,9 +170,9 @@ class CheckpointReader:
 # Training state that a Trainer checkpoint holds besides the model; never copied to an average.
 TRAINING_STATE_FILES = (
     "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
-    "wavg_state.json",
+    state_io.META_FILE,
 )
-TRAINING_STATE_PREFIXES = ("rng_state", "wavg_state-")
+TRAINING_STATE_PREFIXES = ("rng_state", state_io.TENSOR_FILE_PREFIX)
 
 
 def is_training_state(name: str) -> bool:

@@ -136,10 +136,6 @@ class SafetyMonitor:
         entries = [e for e in self.history if e["step"] == step]
         return format_table(entries, self.config.safety_confidence_level, title=f"hf_wavg safety at step {step}")
 
-    def latest(self, weights: str) -> SafetyResult | None:
-        entry = _latest_entry(self.history, weights)
-        return None if entry is None else SafetyResult(entry["metrics"], entry["notes"])
-
     # -- outputs -----------------------------------------------------------------------------
 
     def write_report(self, directory: str) -> str:
