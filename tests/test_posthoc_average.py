@@ -90,14 +90,18 @@ def test_weighted_average_of_sharded_checkpoints(checkpoints, tmp_path, monkeypa
     assert AutoModelForSequenceClassification.from_pretrained(out) is not None
 
 
-def test_pickle_checkpoints_load_with_weights_only_and_malicious_ones_are_refused(checkpoints, tmp_path):
-    pickled = []
-    for i, checkpoint in enumerate(checkpoints[:2]):
-        target = tmp_path / f"bin-{i}"
-        target.mkdir()
-        torch.save(load_file(checkpoint / "model.safetensors"), target / "pytorch_model.bin")
-        (target / "config.json").write_bytes((checkpoint / "config.json").read_bytes())
-        pickled.append(target)
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pickle_checkpoints_load_with_weights_only_and_malicious_ones_are_refused(checkpoints, tmp_path, zip_format):
+    # torch.save before torch 1.6 (or with _use_new_zipfile_serialization=False) writes a format
+    # that torch.load cannot memory-map; it is a plain pickle of tensors all the same.
+    def save_pickle(state, folder):
+        folder.mkdir()
+        torch.save(state, folder / "pytorch_model.bin", _use_new_zipfile_serialization=zip_format)
+        (folder / "config.json").write_bytes((checkpoints[0] / "config.json").read_bytes())
+        return folder
+
+    pickled = [save_pickle(load_file(c / "model.safetensors"), tmp_path / f"bin-{i}")
+               for i, c in enumerate(checkpoints[:2])]
     out = average_checkpoints(pickled, tmp_path / "avg", progress=False)
     assert (out / "model.safetensors").is_file()  # written as safetensors
     assert_states_equal(load_file(out / "model.safetensors"),
@@ -107,37 +111,9 @@ def test_pickle_checkpoints_load_with_weights_only_and_malicious_ones_are_refuse
         def __reduce__(self):
             return (os.system, ("echo pwned",))
 
-    evil = tmp_path / "evil"
-    evil.mkdir()
-    torch.save({"weight": Exploit()}, evil / "pytorch_model.bin")
-    (evil / "config.json").write_bytes((checkpoints[0] / "config.json").read_bytes())
-    with pytest.raises(CheckpointError, match="weights_only=True"):
-        average_checkpoints([pickled[0], evil], tmp_path / "evil-avg", progress=False)
-
-
-def test_legacy_format_pickle_checkpoints_are_averaged_and_malicious_ones_still_refused(checkpoints, tmp_path):
-    # torch.save before torch 1.6 (or with _use_new_zipfile_serialization=False) writes a format
-    # that torch.load cannot memory-map; it is a plain pickle of tensors all the same.
-    legacy = []
-    for i, checkpoint in enumerate(checkpoints[:2]):
-        target = tmp_path / f"legacy-{i}"
-        target.mkdir()
-        torch.save(load_file(checkpoint / "model.safetensors"), target / "pytorch_model.bin",
-                   _use_new_zipfile_serialization=False)
-        legacy.append(target)
-    out = average_checkpoints(legacy, tmp_path / "avg", progress=False)
-    assert_states_equal(load_file(out / "model.safetensors"),
-                        numpy_mean([load_file(c / "model.safetensors") for c in checkpoints[:2]]))
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
-
-    evil = tmp_path / "evil"
-    evil.mkdir()
-    torch.save({"weight": Exploit()}, evil / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    evil = save_pickle({"weight": Exploit()}, tmp_path / "evil")
     with pytest.raises(CheckpointError, match=r"(?s)weights_only=True.*any other pickle can run code.*convert it"):
-        average_checkpoints([legacy[0], evil], tmp_path / "evil-avg", progress=False)
+        average_checkpoints([pickled[0], evil], tmp_path / "evil-avg", progress=False)
 
 
 def test_weights_are_normalised_without_overflow_and_negative_ones_kept_for_extrapolation():
