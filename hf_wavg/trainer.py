@@ -231,19 +231,13 @@ class WAvgTrainer(Trainer):
             # checkpoints away: a failure from here on leaves the previous one whole.
             self.wavg_callback.save_state(output_dir or self.args.output_dir, self.args, self.state.global_step)
             return
-        if not self.wavg_config.save_average:
-            self._refuse_non_finite()
-            super().save_model(output_dir, _internal_call)
-            return
-        if self._average_ready():
-            with self.averaged_weights():
-                self._refuse_non_finite()
-                super().save_model(output_dir, _internal_call)
-        else:
+        save_average = self.wavg_config.save_average
+        if save_average and not self._average_ready():
             self._warn_unaveraged("save_model() writes the raw weights, and its record and model card say so")
+        with self.averaged_weights() if save_average and self._average_ready() else nullcontext():
             self._refuse_non_finite()
             super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
+        if save_average and self.args.should_save:
             target = output_dir or self.args.output_dir
             with open(os.path.join(target, AVERAGING_FILE), "w", encoding="utf-8") as handle:
                 json.dump(self.averaging_summary(), handle, indent=2)
