@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from hf_wavg.config import METHODS
+from hf_wavg.averaging.methods import METHOD_NAMES
 from hf_wavg.posthoc.commands import add_commands as add_posthoc_commands
 from hf_wavg.posthoc.commands import run as run_posthoc_command
 from hf_wavg.posthoc.memory import use_fixed_mmap_threshold
@@ -39,7 +39,7 @@ def _demo_parser(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--text-column", help="text column (default: text, sentence, review or content)")
     demo.add_argument("--label-column", help="label column (default: label, labels, sentiment or class)")
     demo.add_argument("--output-dir", default="hf_wavg_demo_output", help="where the run and model go")
-    demo.add_argument("--method", choices=METHODS, default="ema", help="averaging strategy (default: ema)")
+    demo.add_argument("--method", choices=METHOD_NAMES, default="ema", help="averaging strategy (default: ema)")
     demo.add_argument("--ema-decay", type=float, default=None,
                       help="EMA decay cap (default: set so that the EMA spans the last fifth of training)")
     demo.add_argument("--epochs", type=float, default=6.0, help="training epochs (default: 6)")

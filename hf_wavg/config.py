@@ -8,7 +8,6 @@ the command line, a JSON file or a YAML file. Field names do not clash with
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from types import UnionType
@@ -18,12 +17,12 @@ import torch
 from torch import nn
 
 from hf_wavg.averager import WeightAverager
-from hf_wavg.averaging import EMA, LAWA, SCHEDULES, SWA, AveragingStrategy, DecaySchedule
+from hf_wavg.averaging.methods import METHOD_NAMES, METHOD_SETTINGS, METHODS
+from hf_wavg.averaging.schedules import SCHEDULES
+from hf_wavg.averaging.strategies import AveragingStrategy
 
-METHODS = ("ema", "swa", "lawa")
 DEFAULT_EMA_HORIZON = 0.2  # share of the run an EMA spans when neither horizon nor ema_decay is set
 logger = logging.getLogger(__name__)
-_MAX_DECAY = 1.0 - 1e-9  # a float32 average cannot tell decays closer to 1 apart anyway
 
 
 def _help(text: str) -> Any:
@@ -41,7 +40,11 @@ def _value_types(hint: Any) -> tuple[set[Any], bool]:
 class WAvgConfig:
     """How weights are averaged during training, evaluated, saved and resumed."""
 
-    method: Literal["ema", "swa", "lawa"] = field(default="ema", metadata=_help("Averaging strategy."))
+    method: str = field(
+        default="ema",
+        metadata={"help": "Averaging strategy: " + "; ".join(f"{m.name}, {m.summary}" for m in METHODS.values()) + ".",
+                  "choices": METHOD_NAMES},
+    )
     horizon: float | None = field(
         default=None,
         metadata=_help(
@@ -110,7 +113,7 @@ class WAvgConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
-        self._check_choice("method", METHODS)
+        self._check_choice("method", METHOD_NAMES)
         self._check_choice("ema_schedule", SCHEDULES)
         self._check_choice("average_parameters", ("trainable", "all"))
         self._check_choice("average_buffers", ("copy", "average"))
@@ -156,16 +159,11 @@ class WAvgConfig:
     def _warn_about_conflicts(self) -> None:
         """Settings that do nothing with the others: say so rather than ignore them."""
         defaults = {spec.name: spec.default for spec in fields(self)}
-        unused = {
-            "ema": ("lawa_k",),
-            "swa": ("ema_decay", "ema_schedule", "ema_power", "ema_gamma", "lawa_k"),
-            "lawa": ("ema_decay", "ema_schedule", "ema_power", "ema_gamma"),
-        }[self.method]
-        for name in unused:
-            if getattr(self, name) != defaults[name]:
+        method = METHODS[self.method]
+        for name in METHOD_SETTINGS:
+            if name not in method.settings and getattr(self, name) != defaults[name]:
                 logger.warning("hf_wavg: WAvgConfig.%s is set but method=%r does not use it", name, self.method)
-        overridden = {"ema": ("ema_decay",), "swa": ("start_step", "start_fraction"), "lawa": ("update_every",)}
-        for name in overridden[self.method] if self.horizon is not None else ():
+        for name in method.horizon_sets if self.horizon is not None else ():
             if getattr(self, name) != defaults[name]:
                 logger.warning("hf_wavg: WAvgConfig.horizon overrides %s=%r", name, getattr(self, name))
         if self.start_fraction is not None and self.start_step != defaults["start_step"]:
@@ -193,20 +191,13 @@ class WAvgConfig:
     def resolved(self, max_steps: int) -> WAvgConfig:
         """This config with ``horizon`` (or the default EMA horizon) turned into the decay,
         start or spacing it means for a run of ``max_steps`` optimizer steps."""
+        method = METHODS[self.method]
         horizon = self.horizon
-        if horizon is None and self.method == "ema" and self.ema_decay is None:
+        if horizon is None and method.horizon_default_unless and getattr(self, method.horizon_default_unless) is None:
             horizon = DEFAULT_EMA_HORIZON
         if horizon is None:
             return self
-        horizon_steps = max(1.0, horizon * max_steps)
-        if self.method == "ema":
-            # A time constant of half the horizon: the last horizon_steps hold 1 - e^-2 = 86%
-            # of the weight (more while the warm-up still caps the decay).
-            snapshots = max(1.0, horizon_steps / self.update_every)
-            return replace(self, horizon=None, ema_decay=min(math.exp(-2.0 / snapshots), _MAX_DECAY))
-        if self.method == "swa":
-            return replace(self, horizon=None, start_step=0, start_fraction=1.0 - horizon if horizon < 1 else None)
-        return replace(self, horizon=None, update_every=max(1, round(horizon_steps / self.lawa_k)))
+        return replace(self, horizon=None, **method.strategy_class().horizon_settings(self, horizon, max_steps))
 
     def start_at(self, max_steps: int) -> int:
         """The first optimizer step to fold in, given the run's total steps."""
@@ -216,15 +207,7 @@ class WAvgConfig:
 
     def build_strategy(self) -> AveragingStrategy:
         storage = torch.device("cpu") if self.offload_to_cpu else None
-        if self.method == "ema":
-            if self.ema_decay is None or self.horizon is not None:
-                raise ValueError("WAvgConfig.ema_decay is set from the run's length: call resolved(max_steps) first, "
-                                 "or set ema_decay")
-            schedule = DecaySchedule(self.ema_decay, self.ema_schedule, self.ema_power, self.ema_gamma)
-            return EMA(schedule, storage_device=storage)
-        if self.method == "swa":
-            return SWA(storage_device=storage)
-        return LAWA(self.lawa_k, storage_device=storage)
+        return METHODS[self.method].strategy_class().from_config(self, storage)
 
     def build_averager(self, model: nn.Module, data_parallel: bool = False) -> WeightAverager:
         """The averager for ``model``; ``data_parallel``: the model is replicated across the

@@ -6,11 +6,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hf_wavg.averaging.methods import CARD_KEYS
 from hf_wavg.safety.monitor import HEADLINE_METRICS
 
 AVERAGING_FILE = "wavg_averaging.json"  # WAvgTrainer.averaging_summary() beside the saved weights
-_SETTING_ORDER = ("method", "decay", "schedule", "power", "gamma", "k", "num_updates", "num_skipped_non_finite",
-                  "last_update_step", "num_tensors", "num_elements")
+_SETTING_ORDER = ("method", *CARD_KEYS, "num_updates", "num_skipped_non_finite", "last_update_step", "num_tensors",
+                  "num_elements")
 
 
 def _metric_rows(evaluation: dict[str, Any]) -> list[str]:

@@ -8,9 +8,10 @@ away, since ``0.001 * (w - avg)`` falls below bf16's resolution.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -18,7 +19,11 @@ from torch import Tensor
 from hf_wavg.averaging import kernels
 from hf_wavg.averaging.schedules import DecaySchedule
 
+if TYPE_CHECKING:
+    from hf_wavg.config import WAvgConfig
+
 StrategyState = tuple[dict[str, list[Tensor]], dict[str, Any]]
+_MAX_DECAY = 1.0 - 1e-9  # a float32 average cannot tell decays closer to 1 apart anyway
 
 
 class AveragingStrategy(ABC):
@@ -41,6 +46,17 @@ class AveragingStrategy(ABC):
             and self.storage_device.type == "cpu"
             and torch.cuda.is_available()
         )
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: WAvgConfig, storage_device: torch.device | None) -> AveragingStrategy:
+        """The strategy a (resolved) ``WAvgConfig`` asks for."""
+
+    @classmethod
+    def horizon_settings(cls, config: WAvgConfig, horizon: float, max_steps: int) -> dict[str, Any]:
+        """The ``WAvgConfig`` fields that make this method average over about the last
+        ``horizon`` share of a ``max_steps``-step run."""
+        raise NotImplementedError(f"method {cls.name!r} has no horizon setting")
 
     @abstractmethod
     def initialize(self, like: Sequence[Tensor]) -> None:
@@ -118,6 +134,21 @@ class EMA(RunningAverage):
         super().__init__(storage_device)
         self.schedule = schedule or DecaySchedule()
 
+    @classmethod
+    def from_config(cls, config: WAvgConfig, storage_device: torch.device | None) -> EMA:
+        if config.ema_decay is None or config.horizon is not None:
+            raise ValueError("WAvgConfig.ema_decay is set from the run's length: call resolved(max_steps) first, "
+                             "or set ema_decay")
+        schedule = DecaySchedule(config.ema_decay, config.ema_schedule, config.ema_power, config.ema_gamma)
+        return cls(schedule, storage_device=storage_device)
+
+    @classmethod
+    def horizon_settings(cls, config: WAvgConfig, horizon: float, max_steps: int) -> dict[str, Any]:
+        # A time constant of half the horizon: the last horizon share holds 1 - e^-2 = 86% of
+        # the weight (more while the warm-up still caps the decay).
+        snapshots = max(1.0, horizon * max_steps / config.update_every)
+        return {"ema_decay": min(math.exp(-2.0 / snapshots), _MAX_DECAY)}
+
     def weight(self, n: int) -> float:
         return 1.0 - self.schedule(n)
 
@@ -136,6 +167,14 @@ class SWA(RunningAverage):
     """Uniform mean of every snapshot: ``avg <- avg + (w - avg) / (n + 1)``."""
 
     name = "swa"
+
+    @classmethod
+    def from_config(cls, config: WAvgConfig, storage_device: torch.device | None) -> SWA:
+        return cls(storage_device=storage_device)
+
+    @classmethod
+    def horizon_settings(cls, config: WAvgConfig, horizon: float, max_steps: int) -> dict[str, Any]:
+        return {"start_step": 0, "start_fraction": 1.0 - horizon if horizon < 1 else None}
 
     def weight(self, n: int) -> float:
         return 1.0 / (n + 1)
@@ -158,6 +197,15 @@ class LAWA(AveragingStrategy):
         self._ring: list[list[Tensor]] = []
         self._like: list[Tensor] = []
         self._next_slot = 0
+
+    @classmethod
+    def from_config(cls, config: WAvgConfig, storage_device: torch.device | None) -> LAWA:
+        return cls(config.lawa_k, storage_device=storage_device)
+
+    @classmethod
+    def horizon_settings(cls, config: WAvgConfig, horizon: float, max_steps: int) -> dict[str, Any]:
+        # The k snapshots spread evenly over the horizon.
+        return {"update_every": max(1, round(max(1.0, horizon * max_steps) / config.lawa_k))}
 
     @property
     def filled(self) -> int:

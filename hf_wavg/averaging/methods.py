@@ -1,0 +1,72 @@
+"""The averaging methods ``WAvgConfig.method`` accepts: one entry each, read by the config
+(choices, which settings each uses, how ``horizon`` maps onto them), the command line and
+the model card. Adding a method is a strategy class plus one entry here.
+
+Imports nothing heavy, so ``hf-wavg --help`` can list the methods without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hf_wavg.averaging.strategies import AveragingStrategy
+
+
+@dataclass(frozen=True)
+class Method:
+    """One averaging method.
+
+    Attributes:
+        name: the value of ``WAvgConfig.method``.
+        summary: one line for ``--help`` and the README.
+        strategy: ``"module:Class"`` of its :class:`~hf_wavg.averaging.AveragingStrategy`,
+            imported on first use.
+        settings: the ``WAvgConfig`` fields only this method reads; setting one of them under
+            another method draws a warning.
+        horizon_sets: the fields a ``horizon`` replaces (setting them too draws a warning).
+        horizon_default_unless: the field whose value, when left None, means "span the
+            default horizon"; None if the method has no default horizon.
+        card_keys: the keys of the strategy's ``describe()`` that the model card shows, in order.
+    """
+
+    name: str
+    summary: str
+    strategy: str
+    settings: tuple[str, ...] = ()
+    horizon_sets: tuple[str, ...] = ()
+    horizon_default_unless: str | None = None
+    card_keys: tuple[str, ...] = ()
+
+    def strategy_class(self) -> type[AveragingStrategy]:
+        module, name = self.strategy.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+_STRATEGIES = "hf_wavg.averaging.strategies"
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method(
+            "ema", "exponential moving average with a warm-up decay", f"{_STRATEGIES}:EMA",
+            settings=("ema_decay", "ema_schedule", "ema_power", "ema_gamma"),
+            horizon_sets=("ema_decay",), horizon_default_unless="ema_decay",
+            card_keys=("decay", "schedule", "power", "gamma"),
+        ),
+        Method(
+            "swa", "uniform mean of every snapshot from a start step", f"{_STRATEGIES}:SWA",
+            horizon_sets=("start_step", "start_fraction"),
+        ),
+        Method(
+            "lawa", "mean of the latest k snapshots", f"{_STRATEGIES}:LAWA",
+            settings=("lawa_k",), horizon_sets=("update_every",), card_keys=("k",),
+        ),
+    )
+}
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+# Fields some method reads and others ignore: a method warns about those of others that are set.
+METHOD_SETTINGS: tuple[str, ...] = tuple(dict.fromkeys(s for m in METHODS.values() for s in m.settings))
+CARD_KEYS: tuple[str, ...] = tuple(dict.fromkeys(k for m in METHODS.values() for k in m.card_keys))
