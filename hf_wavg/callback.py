@@ -28,7 +28,7 @@ from hf_wavg.averager import WeightAverager
 from hf_wavg.averaging.window import AveragingWindow, averaging_window, update_steps
 from hf_wavg.config import WAvgConfig
 from hf_wavg.safety.config import SafetyConfig
-from hf_wavg.safety.monitor import SafetyData, SafetyMonitor, safety_data_from
+from hf_wavg.safety_monitor import SafetyData, SafetyMonitor, safety_data_from
 from hf_wavg.state_io import AveragerStateError, has_state
 from hf_wavg.teardown import leave_together_at_exit
 

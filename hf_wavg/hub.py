@@ -26,7 +26,7 @@ from hf_wavg.posthoc.checkpoints import (
     is_training_state,
 )
 from hf_wavg.posthoc.constants import MERGE_FILE, WISE_FT_FILE
-from hf_wavg.safety.monitor import PLOT_FILE, PLOT_MARKDOWN, REPORT_FILE, report_card_section
+from hf_wavg.safety_monitor import PLOT_FILE, PLOT_MARKDOWN, REPORT_FILE, report_card_section
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_wavg.averaging.methods import CARD_KEYS
-from hf_wavg.safety.monitor import HEADLINE_METRICS
+from hf_wavg.safety_monitor import HEADLINE_METRICS
 
 AVERAGING_FILE = "wavg_averaging.json"  # WAvgTrainer.averaging_summary() beside the saved weights
 _SETTING_ORDER = ("method", *CARD_KEYS, "num_updates", "num_skipped_non_finite", "last_update_step", "num_tensors",

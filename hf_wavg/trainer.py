@@ -24,7 +24,7 @@ from hf_wavg.config import WAvgConfig
 from hf_wavg.model_card import AVERAGING_FILE, averaging_card_section
 from hf_wavg.safety.config import SafetyConfig
 from hf_wavg.safety.logit_pairing import logit_pairing_penalty
-from hf_wavg.safety.monitor import PLOT_FILE, PLOT_MARKDOWN, SafetyMonitor
+from hf_wavg.safety_monitor import PLOT_FILE, PLOT_MARKDOWN, SafetyMonitor
 from hf_wavg.state_io import has_state
 
 logger = logging.getLogger(__name__)

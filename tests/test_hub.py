@@ -22,7 +22,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from hf_wavg import SafetyConfig, WAvgConfig
 from hf_wavg.cli import main
 from hf_wavg.posthoc import average_checkpoints
-from hf_wavg.safety.monitor import HEADLINE_METRICS, PLOT_FILE, REPORT_FILE
+from hf_wavg.safety_monitor import HEADLINE_METRICS, PLOT_FILE, REPORT_FILE
 from tests.test_safety_trainer import SMALL, safety_texts
 from tests.trainer_helpers import averaged_named, make_trainer
 

@@ -25,7 +25,7 @@ from hf_wavg import WAvgCallback, WAvgConfig
 from hf_wavg.demo.sample_data import LABEL_NAMES, sample_rows
 from hf_wavg.safety import SafetyConfig, SafetySuite
 from hf_wavg.safety.classifiers import sequence_log_likelihoods
-from hf_wavg.safety.monitor import PLOT_FILE, REPORT_FILE
+from hf_wavg.safety_monitor import PLOT_FILE, REPORT_FILE
 from tests.trainer_helpers import local_tokenizer, make_trainer, raw_state
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ from hf_wavg.config import WAvgConfig
 from hf_wavg.demo.data import load_text_classification
 from hf_wavg.demo.sample_data import SAMPLE_LANGUAGES, write_sample
 from hf_wavg.safety.config import SafetyConfig
-from hf_wavg.safety.monitor import WEIGHTS
+from hf_wavg.safety_monitor import WEIGHTS
 from hf_wavg.task_metrics import classification_metrics
 from hf_wavg.trainer import WAvgTrainer
 

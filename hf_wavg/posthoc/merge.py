@@ -30,6 +30,15 @@ from hf_wavg.posthoc.checkpoints import (
     weight_file_names,
 )
 from hf_wavg.posthoc.constants import MERGE_FILE
+from hf_wavg.posthoc.lora_update import (
+    UPDATE_SPACE_MODES,
+    LoraMode,
+    LoraModeChoice,
+    check_update_space_compatible,
+    combine_in_update_space,
+    lora_record,
+    resolve_lora_mode,
+)
 from hf_wavg.posthoc.output import prepare_output_dir, staged_dir
 
 logger = logging.getLogger(__name__)
@@ -43,20 +52,27 @@ _MODEL_KEYS = ("model_type", "architectures")
 Checkpoint = str | os.PathLike[str] | CheckpointReader
 
 
-def open_checkpoints(checkpoints: Sequence[Checkpoint]) -> list[CheckpointReader]:
-    """Readers for ``checkpoints``, checked to hold the same tensors with the same shapes."""
+def open_checkpoints(
+    checkpoints: Sequence[Checkpoint], lora_mode: LoraMode | LoraModeChoice = "auto"
+) -> list[CheckpointReader]:
+    """Readers for ``checkpoints``, checked to hold the same tensors with the same shapes (for
+    adapters combined in update space, see ``lora_mode``, the same shapes but for the rank)."""
     if not checkpoints:
         raise CheckpointError("no checkpoints given")
     readers = [c if isinstance(c, CheckpointReader) else CheckpointReader(c) for c in checkpoints]
-    check_compatible(readers)
+    check_compatible(readers, lora_mode)
     return readers
 
 
-def check_compatible(readers: Sequence[CheckpointReader]) -> None:
+def check_compatible(readers: Sequence[CheckpointReader], lora_mode: LoraMode | LoraModeChoice = "auto") -> None:
     reference = readers[0]
     for reader in readers[1:]:
         if reader.kind != reference.kind:
             raise CheckpointError(f"{reader.path} is a {reader.kind} but {reference.path} is a {reference.kind}")
+    if reference.kind == "adapter" and resolve_lora_mode(readers, lora_mode).mode in UPDATE_SPACE_MODES:
+        check_update_space_compatible(readers)
+        return
+    for reader in readers[1:]:
         keys = _ADAPTER_KEYS if reference.kind == "adapter" else _MODEL_KEYS
         for key in keys if reader.config and reference.config else ():
             if reader.config.get(key) != reference.config.get(key):
@@ -189,6 +205,8 @@ def average_checkpoints(
     overwrite: bool = False,
     progress: bool = True,
     description: dict[str, Any] | None = None,
+    lora_mode: LoraMode | LoraModeChoice = "auto",
+    lora_rank: int | None = None,
 ) -> Path:
     """Average Trainer checkpoint folders (full models or PEFT adapters) into ``output_dir``.
 
@@ -197,14 +215,23 @@ def average_checkpoints(
     checkpoints were averaged with which weights (``description`` adds to it). It loads with
     ``from_pretrained`` (``PeftModel.from_pretrained`` for adapters).
 
-    Adapters are averaged factor by factor: avg(B)·avg(A), which approximates the average
-    of the updates B·A well only when the runs share their A initialisation and stay close.
+    LoRA adapters are combined as ``lora_mode`` says (see :mod:`hf_wavg.posthoc.lora_update`):
+    ``"exact"``, an adapter of rank Σr whose B·A is the weighted mean of the updates;
+    ``"svd"``, that mean truncated to rank ``lora_rank`` (default: the largest input rank);
+    ``"factors"``, avg(B)·avg(A), close to the mean update only for checkpoints of one run.
+    ``"auto"`` is ``factors`` for ``checkpoint-<N>`` folders of one parent folder, else
+    ``exact``. The record's ``"lora"`` entry says which mode and why, and for ``svd`` each
+    layer's relative Frobenius error. Other adapter tensors (``modules_to_save``) are averaged.
     """
-    readers = open_checkpoints(checkpoints)
+    readers = open_checkpoints(checkpoints, lora_mode)
     weights = checked_weights(weights, len(readers))
     output = prepare_output_dir(output_dir, overwrite, [reader.path for reader in readers], record=MERGE_FILE)
     reference = readers[0]
-    if reference.kind == "adapter" and len(readers) > 1:
+    lora = resolve_lora_mode(readers, lora_mode, lora_rank)
+    combined = None
+    if lora is not None and lora.mode in UPDATE_SPACE_MODES:
+        combined = combine_in_update_space(readers, weights, lora.mode, lora_rank)
+    elif lora is not None and len(readers) > 1:
         logger.info("hf_wavg: averaging LoRA factors separately gives avg(B)avg(A), an approximation of avg(BA)")
 
     with staged_dir(output) as staging:
@@ -217,9 +244,12 @@ def average_checkpoints(
             for file, names in names_by_file.items():
                 shard: dict[str, Tensor] = {}
                 for name in names:
-                    info = reference.tensors[name]
-                    shard[name] = torch.empty(info.shape, dtype=info.dtype)
-                    average_tensor_into(shard[name], readers, name, weights, workspace)
+                    if combined is not None and name in combined.tensors:
+                        shard[name] = combined.tensors[name]
+                    else:
+                        info = reference.tensors[name]
+                        shard[name] = torch.empty(info.shape, dtype=info.dtype)
+                        average_tensor_into(shard[name], readers, name, weights, workspace)
                     bar.update()
                 save_file(shard, staging / _output_name(file), metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(names, _output_name(file)))
@@ -229,12 +259,16 @@ def average_checkpoints(
             index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
         _copy_side_files(reference, staging)
+        if combined is not None:  # the rank and alpha of the combination; sort_keys as PEFT writes it
+            config_file = staging / "adapter_config.json"
+            config_file.write_text(json.dumps(combined.config, indent=2, sort_keys=True), encoding="utf-8")
         record = {
             "method": "weighted" if len(set(weights)) > 1 else "uniform",
             "kind": reference.kind,
             "checkpoints": describe_sources(readers, weights),
             "num_tensors": len(reference.tensors),
             "num_elements": sum(info.numel for info in reference.tensors.values()),
+            **({"lora": lora_record(lora, readers, combined)} if lora is not None else {}),
             **(description or {}),
         }
         (staging / MERGE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")

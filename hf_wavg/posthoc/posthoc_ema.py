@@ -1,0 +1,332 @@
+"""Post-hoc EMA from saved checkpoints: the power-function EMA of any ``sigma_rel``,
+synthesised from the profiles that :class:`~hf_wavg.averaging.posthoc_ema.PostHocEMA`
+wrote into every checkpoint's averager state (see that module for the method and what
+``t`` means).
+
+The output is the latest checkpoint's model folder with the averaged tensors replaced by
+the synthesised ones (cast to the checkpoint's dtype); tensors the averager did not track
+(frozen weights, buffers left to the live model) keep the checkpoint's values, as in a
+``WAvgTrainer.save_model`` of the average. A sweep writes each synthesis into a model in
+memory and scores it, so the averaging horizon is chosen on validation data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from hf_wavg import state_io
+from hf_wavg.averaging.posthoc_ema import PROFILE_GROUP, PostHocEMA, SynthesisPlan, plan_synthesis, weighted_sum
+from hf_wavg.posthoc.checkpoints import CheckpointError, CheckpointReader
+from hf_wavg.posthoc.merge import _copy_side_files, _output_name, _training_step
+from hf_wavg.posthoc.output import prepare_output_dir, staged_dir
+
+logger = logging.getLogger(__name__)
+
+POSTHOC_EMA_FILE = "wavg_posthoc_ema.json"  # how the synthesis was made, beside its weights
+# The record fields that must agree between checkpoints for their profiles to combine.
+_SHARED_FIELDS = ("groups", "shapes", "settings")
+# A PEFT adapter saves its default adapter's tensors without the adapter name, and a module
+# it trains in full (modules_to_save) under the module's own name.
+_PEFT_ADAPTER_NAME = "default"
+
+
+@dataclass(frozen=True)
+class ProfileCheckpoint:
+    """One checkpoint folder and the record of its post-hoc EMA state."""
+
+    path: Path
+    record: dict[str, Any]
+
+    @property
+    def num_updates(self) -> int:
+        return int(self.record["strategy"]["num_updates"])
+
+
+def _read_profiles(folder: str | os.PathLike[str]) -> ProfileCheckpoint:
+    path = Path(folder)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint folder")
+    if not state_io.has_state(path):
+        raise CheckpointError(f"{path} holds no averager state ({state_io.META_FILE}): post-hoc EMA needs checkpoints "
+                              f"of a run trained with WAvgConfig(method='{PostHocEMA.name}')")
+    record = state_io.read_record(path)
+    if record["method"] != PostHocEMA.name:
+        raise CheckpointError(f"{path} holds a {record['method']!r} average, not the profiles of "
+                              f"method={PostHocEMA.name!r} that post-hoc EMA combines")
+    sigma_rels, gammas = record["strategy"].get("sigma_rels"), record["strategy"].get("gammas")
+    sizes_match = isinstance(sigma_rels, list) and isinstance(gammas, list) and len(gammas) == len(sigma_rels) > 0
+    if not sizes_match or record["groups"] != [f"{PROFILE_GROUP}{i}" for i in range(len(sigma_rels))]:
+        raise CheckpointError(f"{path / state_io.META_FILE} is damaged: its sigma_rels, gammas and profile groups "
+                              "do not match")
+    return ProfileCheckpoint(path, record)
+
+
+class ProfileCheckpoints:
+    """The post-hoc EMA states of several checkpoints of one run, checked to combine:
+    the same profiles of the same tensors under the same settings. Sorted by time;
+    checkpoints saved before the first snapshot are left out."""
+
+    def __init__(self, checkpoints: Sequence[str | os.PathLike[str]]) -> None:
+        if not checkpoints:
+            raise CheckpointError("no checkpoints given")
+        read = [_read_profiles(folder) for folder in checkpoints]
+        first = read[0]
+        for other in read[1:]:
+            if other.record["strategy"]["sigma_rels"] != first.record["strategy"]["sigma_rels"]:
+                raise CheckpointError(
+                    f"{other.path} keeps profiles of sigma_rels {other.record['strategy']['sigma_rels']} but "
+                    f"{first.path} keeps {first.record['strategy']['sigma_rels']}: they are not of one run")
+            for key in _SHARED_FIELDS:
+                if other.record.get(key) != first.record.get(key):
+                    raise CheckpointError(f"{other.path} and {first.path} differ in their averager state's {key}: "
+                                          "they are not of one run")
+        empty = [c.path for c in read if c.num_updates == 0]
+        if empty:
+            logger.warning("hf_wavg: %s hold no snapshot yet (saved before averaging began) and are left out",
+                           ", ".join(map(str, empty)))
+        self.checkpoints = sorted((c for c in read if c.num_updates > 0), key=lambda c: c.num_updates)
+        if not self.checkpoints:
+            raise CheckpointError("none of the checkpoints holds a snapshot yet: nothing to synthesise from")
+        for earlier, later in zip(self.checkpoints, self.checkpoints[1:]):
+            if earlier.num_updates == later.num_updates:
+                raise CheckpointError(f"{earlier.path} and {later.path} both hold profiles of {later.num_updates} "
+                                      "snapshots: pass each checkpoint once")
+        if any(c.record["num_skipped"] for c in self.checkpoints):
+            logger.warning("hf_wavg: non-finite snapshots were skipped in this run: the profiles count snapshots, "
+                           "so their spacing in steps is not quite even")
+
+    @property
+    def last(self) -> ProfileCheckpoint:
+        return self.checkpoints[-1]
+
+    @property
+    def shapes(self) -> dict[str, list[int]]:
+        """Averaged tensor name -> shape."""
+        return self.last.record["shapes"]
+
+    def plan(self, sigma_rel: float) -> SynthesisPlan:
+        """The combination weights for ``sigma_rel`` at the latest checkpoint."""
+        try:
+            return plan_synthesis([c.record["strategy"] for c in self.checkpoints], sigma_rel)
+        except ValueError as error:
+            raise CheckpointError(f"cannot synthesise sigma_rel={sigma_rel}: {error}") from error
+
+    @contextmanager
+    def synthesized(self, plan: SynthesisPlan) -> Iterator[Callable[[str], Tensor]]:
+        """A function giving one synthesised tensor (float32, full shape) by name, reading
+        every stored profile of it from disk: one tensor in memory at a time."""
+        with ExitStack() as stack:
+            readers = [stack.enter_context(state_io.open_state(c.path))[1] for c in self.checkpoints]
+            terms = list(plan.terms())
+
+            def tensor(name: str) -> Tensor:
+                shape = self.shapes[name]
+                numel = math.prod(shape)
+                parts = (readers[i].read(state_io.tensor_key(f"{PROFILE_GROUP}{j}", name), name, 0, numel)
+                         for i, j, _ in terms)
+                return weighted_sum((w for _, _, w in terms), parts).view(shape)
+
+            yield tensor
+
+    def describe(self, plan: SynthesisPlan) -> dict[str, Any]:
+        """The record of a synthesis: what it approximates, how well, and from what."""
+        sigma_rels = self.last.record["strategy"]["sigma_rels"]
+        return {
+            "method": PostHocEMA.name,
+            "sigma_rel": plan.sigma_rel,
+            "gamma": plan.gamma,
+            "relative_error": plan.relative_error,
+            "num_updates": plan.t_target,
+            "settings": self.last.record.get("settings"),
+            "checkpoints": [
+                {"path": str(c.path), "step": c.record["last_update_step"], "num_updates": c.num_updates,
+                 "weights": dict(zip(map(str, sigma_rels), row))}
+                for c, row in zip(self.checkpoints, plan.weights)
+            ],
+        }
+
+
+def _saved_names(reader: CheckpointReader, shapes: dict[str, list[int]]) -> dict[str, str]:
+    """Averaged tensor name -> its name in the checkpoint's weight files, checked for shape."""
+    names = {}
+    for name, shape in shapes.items():
+        saved = name
+        if saved not in reader.tensors and reader.kind == "adapter":
+            saved = name.replace(f".{_PEFT_ADAPTER_NAME}.", ".").replace(".modules_to_save.", ".")
+        info = reader.tensors.get(saved)
+        if info is None:
+            raise CheckpointError(f"averaged tensor {name!r} is not among the weights of {reader.path}")
+        if list(info.shape) != list(shape):
+            raise CheckpointError(f"averaged tensor {name!r} has shape {list(shape)} but {list(info.shape)} in "
+                                  f"{reader.path}")
+        names[saved] = name
+    return names
+
+
+def _write_weights(reader: CheckpointReader, staging: Path, replace: Callable[[str], Tensor | None],
+                   progress: bool) -> None:
+    """``reader``'s weight files as safetensors in ``staging``, each tensor ``replace(name)``
+    (cast to the saved dtype) or, where that is None, the saved one."""
+    weight_map: dict[str, str] = {}
+    names_by_file: dict[Path, list[str]] = {}
+    for name, info in reader.tensors.items():
+        names_by_file.setdefault(info.file, []).append(name)
+    with tqdm(total=len(reader.tensors), desc="writing tensors", unit="tensor", disable=not progress) as bar:
+        for file, names in names_by_file.items():
+            shard: dict[str, Tensor] = {}
+            for name in names:
+                info = reader.tensors[name]
+                new = replace(name)
+                # A fresh tensor each: pickled tied weights share storage, which safetensors refuses.
+                shard[name] = torch.empty(info.shape, dtype=info.dtype).copy_(new if new is not None
+                                                                              else reader.read(name))
+                bar.update()
+            save_file(shard, staging / _output_name(file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(names, _output_name(file)))
+            del shard
+    if len(names_by_file) > 1:
+        total_size = sum(info.nbytes for info in reader.tensors.values())
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def posthoc_ema(
+    checkpoints: Sequence[str | os.PathLike[str]],
+    sigma_rel: float,
+    output_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write the post-hoc EMA of ``sigma_rel`` at the latest of ``checkpoints`` into
+    ``output_dir``: that checkpoint's model (or adapter) folder with the averaged tensors
+    replaced, its config and tokenizer, and ``wavg_posthoc_ema.json`` (the weights and the
+    fit's relative error). Loads with ``from_pretrained``."""
+    states = ProfileCheckpoints(checkpoints)
+    plan = states.plan(sigma_rel)
+    reader = CheckpointReader(states.last.path)
+    saved_to_averaged = _saved_names(reader, states.shapes)
+    output = prepare_output_dir(output_dir, overwrite, [Path(c) for c in checkpoints], record=POSTHOC_EMA_FILE)
+    if plan.relative_error > 0.05:
+        logger.warning("hf_wavg: the stored profiles fit sigma_rel=%g only to a relative error of %.3f",
+                       sigma_rel, plan.relative_error)
+    with staged_dir(output) as staging, states.synthesized(plan) as synthesized:
+        _write_weights(reader, staging,
+                       lambda name: synthesized(saved_to_averaged[name]) if name in saved_to_averaged else None,
+                       progress)
+        _copy_side_files(reader, staging)
+        record = {**states.describe(plan), "kind": reader.kind, "training_step": _training_step(reader)}
+        (staging / POSTHOC_EMA_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return output
+
+
+def _model_tensors(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
+    """The model's tensors under the averager's names (those of ``named_parameters``)."""
+    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise CheckpointError(f"averaged tensor {missing[0]!r} is not in the model ({type(model).__name__})")
+    return {name: tensors[name] for name in names}
+
+
+@torch.no_grad()
+def _load_into(model: nn.Module, states: ProfileCheckpoints, plan: SynthesisPlan) -> None:
+    targets = _model_tensors(model, list(states.shapes))
+    with states.synthesized(plan) as synthesized:
+        for name, target in targets.items():
+            target.copy_(synthesized(name))
+
+
+def load_posthoc_ema_into(model: nn.Module, checkpoints: Sequence[str | os.PathLike[str]],
+                          sigma_rel: float) -> SynthesisPlan:
+    """Overwrite ``model``'s averaged tensors with the post-hoc EMA of ``sigma_rel`` (the
+    numbers :func:`posthoc_ema` writes); ``model`` is best loaded from the latest checkpoint,
+    whose values the other tensors keep in the written folder."""
+    states = ProfileCheckpoints(checkpoints)
+    plan = states.plan(sigma_rel)
+    _load_into(model, states, plan)
+    return plan
+
+
+@dataclass
+class PosthocEMAResult:
+    """A sweep: each ``sigma_rel``'s metrics and fit error, and the one chosen."""
+
+    sigma_rels: list[float]
+    metrics: list[dict[str, float]]
+    relative_errors: list[float]
+    selected_sigma_rel: float | None = None
+    selected_by: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def best(self, metric: str, greater_is_better: bool | None = None) -> float:
+        """The sigma_rel with the best ``metric`` (the first given on a tie)."""
+        if greater_is_better is None:
+            from hf_wavg.posthoc.evaluation import greater_is_better as metric_direction  # loads transformers
+
+            greater_is_better = metric_direction(metric)
+        sign = 1.0 if greater_is_better else -1.0
+        scored = [(sign * m[metric], s) for s, m in zip(self.sigma_rels, self.metrics)
+                  if math.isfinite(m.get(metric, math.nan))]
+        if not scored:
+            raise KeyError(f"no sigma_rel has a finite {metric!r}")
+        return max(scored, key=lambda pair: pair[0])[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = [{"sigma_rel": s, "relative_error": e, **m}
+                for s, e, m in zip(self.sigma_rels, self.relative_errors, self.metrics)]
+        return {"method": PostHocEMA.name, "rows": rows, "selected_sigma_rel": self.selected_sigma_rel,
+                "selected_by": self.selected_by, **self.extra}
+
+    def to_markdown(self) -> str:
+        keys = list(dict.fromkeys(k for m in self.metrics for k in m))
+        lines = ["| sigma_rel | fit error | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join([f"{s:g}", f"{e:.2e}", *(f"{m.get(k, math.nan):.4f}" for k in keys)]) + " |"
+                  for s, e, m in zip(self.sigma_rels, self.relative_errors, self.metrics)]
+        return "\n".join(lines)
+
+
+def posthoc_ema_sweep(
+    checkpoints: Sequence[str | os.PathLike[str]],
+    sigma_rels: Sequence[float],
+    model: nn.Module,
+    evaluator: Callable[[nn.Module], dict[str, float]],
+    select: str | None = None,
+    greater_is_better: bool | None = None,
+    progress: bool = True,
+) -> PosthocEMAResult:
+    """Score the post-hoc EMA of each of ``sigma_rels`` with ``evaluator(model)`` (e.g. a
+    :class:`~hf_wavg.posthoc.ModelEvaluator`). ``model`` is best loaded from the latest
+    checkpoint. Afterwards it holds the best ``sigma_rel`` on ``select`` if given, else its
+    own averaged tensors again."""
+    if not sigma_rels:
+        raise ValueError("no sigma_rels given")
+    states = ProfileCheckpoints(checkpoints)
+    plans = [states.plan(s) for s in sigma_rels]  # every sigma_rel checked before any evaluation
+    original = {n: t.detach().clone() for n, t in _model_tensors(model, list(states.shapes)).items()}
+    rows = []
+    for plan in tqdm(plans, desc="post-hoc EMA lengths", disable=not progress):
+        _load_into(model, states, plan)
+        rows.append(evaluator(model))
+    result = PosthocEMAResult([p.sigma_rel for p in plans], rows, [p.relative_error for p in plans])
+    if select is not None:
+        result.selected_sigma_rel, result.selected_by = result.best(select, greater_is_better), select
+        _load_into(model, states, plans[result.sigma_rels.index(result.selected_sigma_rel)])
+    else:
+        with torch.no_grad():
+            for name, target in _model_tensors(model, list(original)).items():
+                target.copy_(original[name])
+    return result
