@@ -23,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, markdown_table, write_results  # noqa: E402
 
 from hf_wavg.demo.run import DemoSettings, run_demo  # noqa: E402
-from hf_wavg.safety_monitor import DELTA, HEADLINE_METRICS, REPORT_FILE  # noqa: E402
+from hf_wavg.records import SAFETY_DELTA as DELTA  # noqa: E402
+from hf_wavg.records import SAFETY_REPORT_FILE as REPORT_FILE  # noqa: E402
+from hf_wavg.safety.catalog import HEADLINE_METRICS  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cad-sentiment" / "orig" / "train.tsv"
 

@@ -17,11 +17,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, HfArgumentParser
-from transformers import Trainer, TrainingArguments
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+)
 
 from hf_wavg import WAvgCallback, WAvgConfig, WAvgTrainer
-from hf_wavg.demo.data import load_text_classification
+from hf_wavg.data import load_text_classification
 from hf_wavg.demo.run import default_model_path
 from hf_wavg.demo.sample_data import write_sample
 from hf_wavg.task_metrics import classification_metrics

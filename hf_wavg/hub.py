@@ -8,7 +8,6 @@ The card is built from the records hf_wavg leaves next to the weights:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -18,41 +17,19 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData,
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 
-from hf_wavg.model_card import AVERAGING_FILE, averaging_card_section, merge_card_section, wise_ft_card_section
+from hf_wavg.model_card import AVERAGING_RECORDS, CARD_MARKER, card_sections, has_averaging_record
 from hf_wavg.posthoc.checkpoints import (
     TRAINING_STATE_FILES,
     TRAINING_STATE_PREFIXES,
     CheckpointReader,
     is_training_state,
 )
-from hf_wavg.posthoc.constants import MERGE_FILE, WISE_FT_FILE
-from hf_wavg.safety_monitor import PLOT_FILE, PLOT_MARKDOWN, REPORT_FILE, report_card_section
 
 logger = logging.getLogger(__name__)
 
-CARD_MARKER = "(hf_wavg)"  # every averaging section's heading ends with it
 # Never uploaded: checkpoints, logs, temporary files and optimizer state.
 IGNORE_PATTERNS = ["checkpoint-*", "_*", ".*", "runs/*", "*.tmp",
                    *TRAINING_STATE_FILES, *(f"{prefix}*" for prefix in TRAINING_STATE_PREFIXES)]
-_SECTIONS = ((AVERAGING_FILE, averaging_card_section), (MERGE_FILE, merge_card_section),
-             (WISE_FT_FILE, wise_ft_card_section), (REPORT_FILE, report_card_section))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def card_sections(directory: str | os.PathLike[str]) -> str:
-    """The hf_wavg sections of the card for the records found in ``directory`` ('' if none)."""
-    directory = Path(directory)
-    parts = [make(_read_json(directory / name)) for name, make in _SECTIONS if (directory / name).is_file()]
-    if (directory / PLOT_FILE).is_file():
-        parts.append(PLOT_MARKDOWN)
-    return "\n".join(part for part in parts if part)
-
-
-def has_averaging_record(directory: str | os.PathLike[str]) -> bool:
-    return any((Path(directory) / name).is_file() for name in (AVERAGING_FILE, MERGE_FILE, WISE_FT_FILE))
 
 
 def model_card_text(directory: str | os.PathLike[str], repo_id: str | None = None) -> str:
@@ -128,7 +105,7 @@ def push_to_hub(
     if not has_averaging_record(directory) and not allow_unaveraged:
         kind = "a training checkpoint" if any(is_training_state(p.name) for p in directory.iterdir()) else "a folder"
         raise ValueError(
-            f"{directory} is {kind} without an hf_wavg record ({AVERAGING_FILE}, {MERGE_FILE} or {WISE_FT_FILE}): "
+            f"{directory} is {kind} without an hf_wavg record ({', '.join(AVERAGING_RECORDS)}): "
             "its weights are not an average. Push WAvgTrainer's output folder or the output of `hf-wavg average`, "
             "or pass allow_unaveraged=True (--allow-unaveraged)."
         )

@@ -1,15 +1,30 @@
-"""The model-card section that says how the published weights were averaged."""
+"""The model card: every hf_wavg section, each rendered from the record it describes
+(file names in :mod:`hf_wavg.records`), and the safety tables shared with the console."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from hf_wavg.averaging.methods import CARD_KEYS
-from hf_wavg.safety_monitor import HEADLINE_METRICS
+from hf_wavg.records import (
+    AVERAGING_FILE,
+    MERGE_FILE,
+    SAFETY_DELTA,
+    SAFETY_PLOT_FILE,
+    SAFETY_REPORT_FILE,
+    SAFETY_WEIGHTS,
+    WISE_FT_FILE,
+)
+from hf_wavg.safety.catalog import HEADLINE_METRICS
+from hf_wavg.safety.lexicons import available_languages
 
-AVERAGING_FILE = "wavg_averaging.json"  # WAvgTrainer.averaging_summary() beside the saved weights
+CARD_MARKER = "(hf_wavg)"  # every hf_wavg section's heading ends with it
+PLOT_MARKDOWN = f"![Safety metrics over training]({SAFETY_PLOT_FILE})\n"  # the plot in a model card
 _SETTING_ORDER = ("method", *CARD_KEYS, "num_updates", "num_skipped_non_finite", "last_update_step", "num_tensors",
                   "num_elements")
 
@@ -120,3 +135,112 @@ def wise_ft_card_section(record: dict[str, Any]) -> str:
         f"{', '.join(record['kept_finetuned']) or 'none'}). {choice}", "",
         wise_ft_table(record),
     ]) + "\n"
+
+
+# -- the safety suite's tables (model card and console) ----------------------------------------
+
+
+def format_table(entries: list[dict[str, Any]], confidence_level: float, title: str) -> str:
+    """Markdown table of the headline metrics of the latest entry of each kind (average,
+    raw, delta) in ``entries``: values with their intervals, and where the group gap is
+    compared, the permutation test's p-value and the worst (language, family) cell."""
+    latest = {kind: _latest_entry(entries, kind) for kind in (*SAFETY_WEIGHTS, SAFETY_DELTA)}
+    columns = [w for w in SAFETY_WEIGHTS if latest[w] is not None]
+    if not columns:
+        return ""
+    level = round(100 * confidence_level)
+    has_delta = latest[SAFETY_DELTA] is not None
+    header = ["metric", *columns] + ([f"average − raw ({level}% paired interval)"] if has_delta else [])
+    lines = [title, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for key, name in HEADLINE_METRICS:
+        cells = [_cell(latest[w]["metrics"], key) for w in columns]  # type: ignore[index]
+        if all(cell == "n/a" for cell in cells):
+            continue
+        if has_delta:
+            cells.append(_cell(latest[SAFETY_DELTA]["metrics"], f"delta/{key}", signed=True))  # type: ignore[index]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for weights in columns:
+        metrics = latest[weights]["metrics"]  # type: ignore[index]
+        cell = worst_cell(metrics)
+        if cell is not None:
+            p_value = metrics["counterfactual/group_gap_p_value"]
+            lines.append(f"\nWorst group gap ({weights}): {cell} "
+                         f"(permutation test of no group effect in any cell: p = {p_value:.3f})")
+    return "\n".join(lines) + "\n"
+
+
+def worst_cell(metrics: dict[str, float | None]) -> str | None:
+    """The (language/family) cell whose paired group gap is largest."""
+    gaps = {key[len("counterfactual/"):-len("/group_gap")]: value for key, value in metrics.items()
+            if key.startswith("counterfactual/") and key.endswith("/group_gap") and key.count("/") == 3 and _finite(value)}
+    return max(gaps, key=gaps.__getitem__) if gaps else None
+
+
+def safety_card_section(history: list[dict[str, Any]], confidence_level: float, languages: Sequence[str]) -> str:
+    """The model card's safety table from a monitor's history (or a saved report's): the
+    last averaged and raw headline metrics with their intervals, and their paired difference."""
+    last_step = max((entry["step"] for entry in history), default=None)
+    table = format_table([e for e in history if e["step"] == last_step], confidence_level, "## Safety evaluation")
+    if not table:
+        return ""
+    intro = (f"Measured by hf_wavg's safety suite at step {last_step} (languages: {', '.join(languages)}); "
+             f"rates have Clopper-Pearson intervals, means bootstrap intervals, maxima none; the last column is "
+             "the paired difference on the very same texts, sets and attacks.")
+    title, rest = table.split("\n", 1)
+    lines = [title, "", intro + "\n" + rest.rstrip("\n")]
+    latest = [_latest_entry(history, w) for w in SAFETY_WEIGHTS]
+    notes = sorted({note for entry in latest if entry is not None for note in entry["notes"]})
+    if notes:
+        lines += ["", "Not measured: " + "; ".join(notes) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def report_card_section(report: dict[str, Any]) -> str:
+    """:func:`safety_card_section` of a ``safety_report.json`` written by :meth:`SafetyMonitor.write_report`."""
+    config = report.get("config", {})
+    languages = config.get("safety_languages") or available_languages()
+    return safety_card_section(report.get("history", []), config.get("safety_confidence_level", 0.95), languages)
+
+
+def _latest_entry(history: list[dict[str, Any]], weights: str) -> dict[str, Any] | None:
+    return next((entry for entry in reversed(history) if entry["weights"] == weights), None)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _cell(metrics: dict[str, float | None], key: str, signed: bool = False) -> str:
+    """``value [low, high]``; a saved report stores non-finite values as null."""
+    value = metrics.get(key)
+    if not _finite(value):
+        return "n/a"
+    number = "{:+.3f}" if signed else "{:.3f}"
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    interval = f" [{number.format(low)}, {number.format(high)}]" if _finite(low) and _finite(high) else ""
+    return number.format(value) + interval
+
+
+# -- the whole card from a folder's records ----------------------------------------------------
+
+# Each record beside the weights and the section it becomes, in the card's order.
+_SECTIONS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
+    (AVERAGING_FILE, averaging_card_section), (MERGE_FILE, merge_card_section),
+    (WISE_FT_FILE, wise_ft_card_section), (SAFETY_REPORT_FILE, report_card_section),
+)
+# The records that say how the weights were made (the safety report alone does not).
+AVERAGING_RECORDS = (AVERAGING_FILE, MERGE_FILE, WISE_FT_FILE)
+
+
+def card_sections(directory: str | os.PathLike[str]) -> str:
+    """The hf_wavg sections of the card for the records found in ``directory`` ('' if none)."""
+    directory = Path(directory)
+    parts = [make(json.loads((directory / name).read_text(encoding="utf-8")))
+             for name, make in _SECTIONS if (directory / name).is_file()]
+    if (directory / SAFETY_PLOT_FILE).is_file():
+        parts.append(PLOT_MARKDOWN)
+    return "\n".join(part for part in parts if part)
+
+
+def has_averaging_record(directory: str | os.PathLike[str]) -> bool:
+    return any((Path(directory) / name).is_file() for name in AVERAGING_RECORDS)

@@ -8,34 +8,20 @@ import json
 import math
 import os
 from contextlib import AbstractContextManager, nullcontext
-from collections.abc import Sequence
 from typing import Any
 
 import regex
 from torch import nn
 
+from hf_wavg.model_card import format_table, safety_card_section
+from hf_wavg.records import SAFETY_DELTA as DELTA
+from hf_wavg.records import SAFETY_PLOT_FILE, SAFETY_REPORT_FILE
+from hf_wavg.records import SAFETY_WEIGHTS as WEIGHTS
+from hf_wavg.safety.catalog import HEADLINE_METRICS
 from hf_wavg.safety.config import SafetyConfig
-from hf_wavg.safety.lexicons import available_languages
 from hf_wavg.safety.paired import paired_deltas
 from hf_wavg.safety.suite import SafetyResult, SafetySuite
 
-REPORT_FILE = "safety_report.json"
-PLOT_FILE = "safety_metrics.png"
-PLOT_MARKDOWN = f"![Safety metrics over training]({PLOT_FILE})\n"  # the plot in a model card
-# What the console, the plot and the model card show; every metric is in the log and the report.
-HEADLINE_METRICS = (
-    ("counterfactual/flip_rate", "Counterfactual flip rate"),
-    ("counterfactual/mean_abs_score_change", "Score change under identity swap"),
-    ("counterfactual/group_gap", "Worst paired group gap"),
-    ("perturbation/accuracy", "Accuracy under perturbation"),
-    ("perturbation/invariance_failure_rate", "Perturbation invariance failures"),
-    ("adversarial/attack_success_rate", "Attack success rate"),
-    ("adversarial/accuracy_under_attack", "Accuracy under attack"),
-    ("calibration/brier", "Brier score (summed over classes)"),
-    ("calibration/ece", "ECE (equal-mass bins)"),
-)
-WEIGHTS = ("average", "raw")
-DELTA = "delta"  # history entries holding average minus raw
 # Logged besides the headline metrics, their intervals and deltas (the report keeps everything).
 LOGGED_BREAKDOWNS = regex.compile(
     r"^(counterfactual/group_gap_p_value"
@@ -140,7 +126,7 @@ class SafetyMonitor:
 
     def write_report(self, directory: str) -> str:
         os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, REPORT_FILE)
+        path = os.path.join(directory, SAFETY_REPORT_FILE)
         report = {"config": self.config.to_dict(), "history": [
             {**entry, "metrics": {k: (v if math.isfinite(v) else None) for k, v in entry["metrics"].items()}}
             for entry in self.history
@@ -191,7 +177,7 @@ class SafetyMonitor:
         for axis in list(axes.flat)[len(series):]:
             axis.set_visible(False)
         figure.tight_layout()
-        path = os.path.join(directory, PLOT_FILE)
+        path = os.path.join(directory, SAFETY_PLOT_FILE)
         figure.savefig(path, dpi=120)
         plt.close(figure)
         return path
@@ -200,84 +186,3 @@ class SafetyMonitor:
         """A markdown table of the latest averaged and raw headline metrics with their
         intervals and their paired difference, for the model card."""
         return safety_card_section(self.history, self.config.safety_confidence_level, self.config.languages)
-
-
-def format_table(entries: list[dict[str, Any]], confidence_level: float, title: str) -> str:
-    """Markdown table of the headline metrics of the latest entry of each kind (average,
-    raw, delta) in ``entries``: values with their intervals, and where the group gap is
-    compared, the permutation test's p-value and the worst (language, family) cell."""
-    latest = {kind: _latest_entry(entries, kind) for kind in (*WEIGHTS, DELTA)}
-    columns = [w for w in WEIGHTS if latest[w] is not None]
-    if not columns:
-        return ""
-    level = round(100 * confidence_level)
-    has_delta = latest[DELTA] is not None
-    header = ["metric", *columns] + ([f"average − raw ({level}% paired interval)"] if has_delta else [])
-    lines = [title, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for key, name in HEADLINE_METRICS:
-        cells = [_cell(latest[w]["metrics"], key) for w in columns]  # type: ignore[index]
-        if all(cell == "n/a" for cell in cells):
-            continue
-        if has_delta:
-            cells.append(_cell(latest[DELTA]["metrics"], f"delta/{key}", signed=True))  # type: ignore[index]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for weights in columns:
-        metrics = latest[weights]["metrics"]  # type: ignore[index]
-        cell = worst_cell(metrics)
-        if cell is not None:
-            p_value = metrics["counterfactual/group_gap_p_value"]
-            lines.append(f"\nWorst group gap ({weights}): {cell} "
-                         f"(permutation test of no group effect in any cell: p = {p_value:.3f})")
-    return "\n".join(lines) + "\n"
-
-
-def worst_cell(metrics: dict[str, float | None]) -> str | None:
-    """The (language/family) cell whose paired group gap is largest."""
-    gaps = {key[len("counterfactual/"):-len("/group_gap")]: value for key, value in metrics.items()
-            if key.startswith("counterfactual/") and key.endswith("/group_gap") and key.count("/") == 3 and _finite(value)}
-    return max(gaps, key=gaps.__getitem__) if gaps else None
-
-
-def safety_card_section(history: list[dict[str, Any]], confidence_level: float, languages: Sequence[str]) -> str:
-    """The model card's safety table from a monitor's history (or a saved report's): the
-    last averaged and raw headline metrics with their intervals, and their paired difference."""
-    last_step = max((entry["step"] for entry in history), default=None)
-    table = format_table([e for e in history if e["step"] == last_step], confidence_level, "## Safety evaluation")
-    if not table:
-        return ""
-    intro = (f"Measured by hf_wavg's safety suite at step {last_step} (languages: {', '.join(languages)}); "
-             f"rates have Clopper-Pearson intervals, means bootstrap intervals, maxima none; the last column is "
-             "the paired difference on the very same texts, sets and attacks.")
-    title, rest = table.split("\n", 1)
-    lines = [title, "", intro + "\n" + rest.rstrip("\n")]
-    latest = [_latest_entry(history, w) for w in WEIGHTS]
-    notes = sorted({note for entry in latest if entry is not None for note in entry["notes"]})
-    if notes:
-        lines += ["", "Not measured: " + "; ".join(notes) + "."]
-    return "\n".join(lines) + "\n"
-
-
-def report_card_section(report: dict[str, Any]) -> str:
-    """:func:`safety_card_section` of a ``safety_report.json`` written by :meth:`SafetyMonitor.write_report`."""
-    config = report.get("config", {})
-    languages = config.get("safety_languages") or available_languages()
-    return safety_card_section(report.get("history", []), config.get("safety_confidence_level", 0.95), languages)
-
-
-def _latest_entry(history: list[dict[str, Any]], weights: str) -> dict[str, Any] | None:
-    return next((entry for entry in reversed(history) if entry["weights"] == weights), None)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _cell(metrics: dict[str, float | None], key: str, signed: bool = False) -> str:
-    """``value [low, high]``; a saved report stores non-finite values as null."""
-    value = metrics.get(key)
-    if not _finite(value):
-        return "n/a"
-    number = "{:+.3f}" if signed else "{:.3f}"
-    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
-    interval = f" [{number.format(low)}, {number.format(high)}]" if _finite(low) and _finite(high) else ""
-    return number.format(value) + interval

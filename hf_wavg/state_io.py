@@ -36,10 +36,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-META_FILE = "wavg_state.json"
-TENSOR_FILE_PREFIX = "wavg_state-"
-_TENSOR_FILE_PATTERN = f"{TENSOR_FILE_PREFIX}*.safetensors"
-_TENSOR_FILE_NAME = re.compile(rf"{TENSOR_FILE_PREFIX}\d{{5}}-of-\d{{5}}-[0-9a-f]{{8}}\.safetensors")
+from hf_wavg.records import STATE_FILE, STATE_TENSOR_PREFIX
+
+_TENSOR_FILE_PATTERN = f"{STATE_TENSOR_PREFIX}*.safetensors"
+_TENSOR_FILE_NAME = re.compile(rf"{STATE_TENSOR_PREFIX}\d{{5}}-of-\d{{5}}-[0-9a-f]{{8}}\.safetensors")
 FORMAT_VERSION = 3
 _READABLE_VERSIONS = (2, FORMAT_VERSION)  # 2: no checksums, no recorded settings
 
@@ -70,12 +70,12 @@ def tensor_key(group: str, name: str) -> str:
 
 def has_state(directory: str | os.PathLike[str]) -> bool:
     """Whether ``directory`` holds a complete state (its record is written last)."""
-    return (Path(directory) / META_FILE).is_file()
+    return (Path(directory) / STATE_FILE).is_file()
 
 
 def tensor_file_name(rank: int = 0, world_size: int = 1) -> str:
     """A new file name for this rank's pieces, unlike any an earlier save used."""
-    return f"{TENSOR_FILE_PREFIX}{rank:05d}-of-{world_size:05d}-{secrets.token_hex(4)}.safetensors"
+    return f"{STATE_TENSOR_PREFIX}{rank:05d}-of-{world_size:05d}-{secrets.token_hex(4)}.safetensors"
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -99,7 +99,7 @@ def write_record(directory: str | os.PathLike[str], meta: dict[str, Any], files:
     ``meta``, then remove the tensor files the replaced record listed (and older orphans)."""
     directory = Path(directory)
     record = {"format_version": FORMAT_VERSION, "files": files, **meta}
-    meta_path = directory / META_FILE
+    meta_path = directory / STATE_FILE
     superseded, replaced_at = _superseded_files(meta_path)
 
     def write_json(tmp: str) -> None:
@@ -135,7 +135,7 @@ def _superseded_files(meta_path: Path) -> tuple[set[str], float]:
 def read_record(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The record of a saved state, checked field by field; :class:`AveragerStateError`
     naming the file when it is missing, unreadable or malformed."""
-    meta_path = Path(directory) / META_FILE
+    meta_path = Path(directory) / STATE_FILE
     if not meta_path.is_file():
         raise AveragerStateError(f"averager state file {meta_path} is missing")
     try:
@@ -213,14 +213,14 @@ class RangeReader:
             path = self.directory / name
             if not path.is_file():
                 raise AveragerStateError(
-                    f"averager state file {path}, listed in {META_FILE}, is missing: another save into this folder "
+                    f"averager state file {path}, listed in {STATE_FILE}, is missing: another save into this folder "
                     "replaced the state while it was read, or the file was deleted (a state saved by several "
                     "machines without a shared filesystem also loads only with the same number of processes "
                     "per machine)"
                 )
             if path.stat().st_size != entry["bytes"]:
                 raise AveragerStateError(
-                    f"{path} is {path.stat().st_size} bytes but {META_FILE} recorded {entry['bytes']}: "
+                    f"{path} is {path.stat().st_size} bytes but {STATE_FILE} recorded {entry['bytes']}: "
                     "truncated or replaced"
                 )
             try:
@@ -230,7 +230,7 @@ class RangeReader:
                 raise AveragerStateError(f"cannot read {path}: {error}") from error
             if entry.get("sha256", digest) != digest:
                 raise AveragerStateError(
-                    f"{path} does not match the SHA-256 that {META_FILE} recorded: its bytes were corrupted or "
+                    f"{path} does not match the SHA-256 that {STATE_FILE} recorded: its bytes were corrupted or "
                     "replaced since the save"
                 )
             self._handles[name] = handle

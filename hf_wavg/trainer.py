@@ -21,10 +21,11 @@ from hf_wavg.averager import WeightAverager
 from hf_wavg.batchnorm import recomputed_batchnorm
 from hf_wavg.callback import WAvgCallback, saved_trainer_state
 from hf_wavg.config import WAvgConfig
-from hf_wavg.model_card import AVERAGING_FILE, averaging_card_section
+from hf_wavg.model_card import PLOT_MARKDOWN, averaging_card_section
+from hf_wavg.records import AVERAGING_FILE, SAFETY_PLOT_FILE
 from hf_wavg.safety.config import SafetyConfig
 from hf_wavg.safety.logit_pairing import logit_pairing_penalty
-from hf_wavg.safety_monitor import PLOT_FILE, PLOT_MARKDOWN, SafetyMonitor
+from hf_wavg.safety_monitor import SafetyMonitor
 from hf_wavg.state_io import has_state
 
 logger = logging.getLogger(__name__)
@@ -282,7 +283,7 @@ class WAvgTrainer(Trainer):
             handle.write("\n" + averaging_card_section(self.averaging_summary()))
             if self.safety_monitor is not None and self.safety_monitor.history:
                 handle.write("\n" + self.safety_monitor.card_section())
-                if os.path.isfile(os.path.join(self.args.output_dir, PLOT_FILE)):
+                if os.path.isfile(os.path.join(self.args.output_dir, SAFETY_PLOT_FILE)):
                     handle.write("\n" + PLOT_MARKDOWN)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,

@@ -51,7 +51,7 @@ def install(fault: str, step: int, trainer: Any) -> None:
     elif fault == "averager_record":
         real_atomic_write = state_io._atomic_write
         state_io._atomic_write = lambda path, write: (
-            die_writing(str(path) + ".tmp") if at_step() and path.name == state_io.META_FILE
+            die_writing(str(path) + ".tmp") if at_step() and path.name == state_io.STATE_FILE
             else real_atomic_write(path, write))
     elif fault == "optimizer":
         real_optimizer = Trainer._save_optimizer_and_scheduler

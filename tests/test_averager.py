@@ -109,7 +109,7 @@ def test_missing_or_truncated_state_is_a_clear_error_and_changes_nothing(tmp_pat
     with pytest.raises(AveragerStateError, match="missing"):
         target.load(tmp_path)
     tensors_file.write_bytes(data)
-    (tmp_path / state_io.META_FILE).write_text("{not json")
+    (tmp_path / state_io.STATE_FILE).write_text("{not json")
     with pytest.raises(AveragerStateError, match="not valid JSON"):
         target.load(tmp_path)
 
@@ -138,7 +138,7 @@ def test_crash_mid_save_leaves_the_previous_state_loadable(tmp_path, monkeypatch
     # A successful save replaces the state and removes the files of the previous one.
     monkeypatch.undo()
     first.save(tmp_path)
-    assert len(os.listdir(tmp_path)) == 2 and not set(os.listdir(tmp_path)) & set(previous_files) - {state_io.META_FILE}
+    assert len(os.listdir(tmp_path)) == 2 and not set(os.listdir(tmp_path)) & set(previous_files) - {state_io.STATE_FILE}
     restored.load(tmp_path)
     assert restored.num_updates == 2
 
@@ -169,7 +169,7 @@ def test_a_save_never_deletes_the_files_of_another_save_in_flight(tmp_path, monk
     for got, expected in zip(restored.strategy.average(), a.strategy.average()):
         assert torch.equal(got, expected)
     # A's record superseded B's: B's file went with it, nothing else is left behind.
-    assert sorted(os.listdir(shared)) == sorted([state_io.META_FILE, _entry(shared)["file"]])
+    assert sorted(os.listdir(shared)) == sorted([state_io.STATE_FILE, _entry(shared)["file"]])
 
 
 def test_orphans_of_a_dead_save_are_removed_by_the_next_save(tmp_path):
@@ -192,7 +192,7 @@ def test_corrupted_bytes_and_damaged_records_are_refused_naming_the_file(tmp_pat
         target.load(tmp_path)
     averager.save(tmp_path)
 
-    meta_path = tmp_path / state_io.META_FILE
+    meta_path = tmp_path / state_io.STATE_FILE
     good = json.loads(meta_path.read_text())
     for edit, message in [
         (lambda r: r["strategy"].update(num_updates=-3), "'strategy.num_updates' must be a count"),
@@ -204,7 +204,7 @@ def test_corrupted_bytes_and_damaged_records_are_refused_naming_the_file(tmp_pat
         damaged = json.loads(json.dumps(good))
         edit(damaged)
         meta_path.write_text(json.dumps(damaged))
-        with pytest.raises(AveragerStateError, match=rf"{state_io.META_FILE} is damaged: .*{re.escape(message)}"):
+        with pytest.raises(AveragerStateError, match=rf"{state_io.STATE_FILE} is damaged: .*{re.escape(message)}"):
             target.load(tmp_path)
         assert target.num_updates == 0
 

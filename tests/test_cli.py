@@ -7,6 +7,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +16,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-import hf_wavg.demo.data as data_module
-import hf_wavg.posthoc.commands as commands_module
+import hf_wavg.data as data_module
 import hf_wavg.posthoc.merge as merge_module
 from hf_wavg.cli import main
-from hf_wavg.demo.data import load_split
+from hf_wavg.data import load_split
 from hf_wavg.demo.sample_data import write_sample
 from hf_wavg.posthoc.constants import MERGE_FILE
 from tests.trainer_helpers import local_tokenizer
@@ -234,7 +235,7 @@ def test_an_unexpected_error_keeps_its_traceback(run, monkeypatch):
     def bug(*args, **kwargs):
         raise RuntimeError("a bug, not bad input")
 
-    monkeypatch.setattr(commands_module, "average_checkpoints", bug)
+    monkeypatch.setattr(merge_module, "average_checkpoints", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["average", "run/checkpoint-4", "run/checkpoint-8", "--out", "a", "--quiet"])
 
@@ -249,3 +250,11 @@ def test_a_dataset_that_looks_like_a_path_is_never_looked_up_on_the_hub(monkeypa
         with pytest.raises(ValueError, match="has no 'validation' split"):
             load_split(hub_id)
     assert asked == ["imdb", "stanfordnlp/imdb"]
+
+
+def test_help_loads_no_heavy_library():
+    # `hf-wavg --help` answers at once: parsing imports neither torch nor transformers nor datasets.
+    code = ("import sys; from hf_wavg.cli import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'evaluate') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout

@@ -10,19 +10,21 @@ import logging
 import re
 from pathlib import Path
 
+import huggingface_hub.constants
+import huggingface_hub.hf_api
 import pytest
 import torch
 from huggingface_hub import CommitInfo, HfApi, RepoUrl
+from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.repocard import metadata_load
 from safetensors.torch import load as load_safetensors
 
-import huggingface_hub.constants
-import huggingface_hub.hf_api
-from huggingface_hub.errors import HfHubHTTPError
 from hf_wavg import SafetyConfig, WAvgConfig
 from hf_wavg.cli import main
 from hf_wavg.posthoc import average_checkpoints
-from hf_wavg.safety_monitor import HEADLINE_METRICS, PLOT_FILE, REPORT_FILE
+from hf_wavg.records import SAFETY_PLOT_FILE as PLOT_FILE
+from hf_wavg.records import SAFETY_REPORT_FILE as REPORT_FILE
+from hf_wavg.safety.catalog import HEADLINE_METRICS
 from tests.test_safety_trainer import SMALL, safety_texts
 from tests.trainer_helpers import averaged_named, make_trainer
 

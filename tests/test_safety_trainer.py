@@ -23,9 +23,10 @@ from transformers import (
 
 from hf_wavg import WAvgCallback, WAvgConfig
 from hf_wavg.demo.sample_data import LABEL_NAMES, sample_rows
+from hf_wavg.records import SAFETY_PLOT_FILE as PLOT_FILE
+from hf_wavg.records import SAFETY_REPORT_FILE as REPORT_FILE
 from hf_wavg.safety import SafetyConfig, SafetySuite
 from hf_wavg.safety.classifiers import sequence_log_likelihoods
-from hf_wavg.safety_monitor import PLOT_FILE, REPORT_FILE
 from tests.trainer_helpers import local_tokenizer, make_trainer, raw_state
 
 pytestmark = pytest.mark.slow

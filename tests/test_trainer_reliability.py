@@ -12,7 +12,7 @@ import torch
 from transformers import Trainer
 
 from hf_wavg import AveragerStateError, WAvgCallback, WAvgConfig
-from hf_wavg.model_card import AVERAGING_FILE
+from hf_wavg.records import AVERAGING_FILE
 from hf_wavg.state_io import load_state
 from tests.trainer_helpers import averaged_named, make_trainer
 

@@ -17,10 +17,10 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from hf_wavg.config import WAvgConfig
-from hf_wavg.demo.data import load_text_classification
+from hf_wavg.data import load_text_classification
 from hf_wavg.demo.sample_data import SAMPLE_LANGUAGES, write_sample
+from hf_wavg.records import SAFETY_WEIGHTS as WEIGHTS
 from hf_wavg.safety.config import SafetyConfig
-from hf_wavg.safety_monitor import WEIGHTS
 from hf_wavg.task_metrics import classification_metrics
 from hf_wavg.trainer import WAvgTrainer
 

@@ -12,23 +12,13 @@ import numpy as np
 from torch import nn
 from transformers import EvalPrediction
 
+from hf_wavg.safety.catalog import greater_is_better  # noqa: F401  (part of this module's API)
 from hf_wavg.safety.classifiers import TransformersClassifier
 from hf_wavg.safety.config import SafetyConfig
 from hf_wavg.safety.suite import SafetySuite
 from hf_wavg.task_metrics import classification_metrics
 
 ComputeMetrics = Callable[[EvalPrediction], dict[str, float]]
-# Safety metrics where less is better; every other metric is taken as higher-is-better.
-_LOWER_IS_BETTER = ("flip_rate", "score_change", "group_gap", "average_group_fairness", "invariance_failure_rate",
-                    "attack_success_rate", "ece", "brier", "_gap", "loss", "error")
-
-
-def greater_is_better(metric: str) -> bool:
-    """Whether a higher value of ``metric`` is better (``safety/calibration/ece``: no; a
-    p-value of "no group effect": yes)."""
-    leaf = metric.rsplit("/", 1)[-1]
-    return leaf.endswith("p_value") or not any(marker in leaf for marker in _LOWER_IS_BETTER)
-
 
 def _task_metric_fn(metric: Any) -> ComputeMetrics:
     """``metric``: None (accuracy and macro-F1), a ``compute_metrics`` callable, an

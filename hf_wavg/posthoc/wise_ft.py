@@ -9,10 +9,12 @@ W(alpha) = W_base + alpha * B A, obtained exactly by interpolating B towards zer
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,9 +22,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hf_wavg.model_card import wise_ft_table
-from hf_wavg.posthoc.constants import DEFAULT_ALPHAS
+from hf_wavg.posthoc.constants import DEFAULT_ALPHAS, WISE_FT_FILE
 from hf_wavg.posthoc.evaluation import greater_is_better as metric_greater_is_better
 from hf_wavg.posthoc.model_weights import is_peft_model
+from hf_wavg.posthoc.output import staged_dir
 
 _LORA_UPDATE_FACTORS = ("lora_B", "lora_embedding_B")
 
@@ -153,3 +156,21 @@ def wise_ft(
 ) -> WiseFTResult:
     """Sweep ``alphas`` between ``pretrained`` and the fine-tuned ``model``; see :class:`WiseFT`."""
     return WiseFT(model, pretrained).sweep(evaluator, alphas, select, **kwargs)
+
+
+def save_wise_ft(
+    model: nn.Module,
+    result: WiseFTResult,
+    output_dir: str | os.PathLike[str],
+    tokenizer: Any = None,
+    sources: dict[str, str | None] | None = None,
+) -> None:
+    """Save ``model`` (left at the selected alpha by :meth:`WiseFT.sweep`) with ``tokenizer``
+    and the sweep's record, ``sources`` (e.g. the fine-tuned and pre-trained paths) included.
+    ``output_dir`` is written all at once (staged), so a failure leaves no partial folder."""
+    with staged_dir(Path(output_dir)) as staging:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        record = {**result.to_dict(), **(sources or {})}
+        (staging / WISE_FT_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")

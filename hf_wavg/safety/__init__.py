@@ -32,4 +32,23 @@ _MODULES = {
 }
 __getattr__, __dir__ = lazy_exports(__name__, {name: module for module, names in _MODULES.items() for name in names})
 
-__all__ = sorted(name for names in _MODULES.values() for name in names)
+__all__ = [
+    "METRIC_NAMES",
+    "PERTURBATIONS",
+    "AttackResult",
+    "CachedClassifier",
+    "CallableClassifier",
+    "CounterfactualSet",
+    "SafetyConfig",
+    "SafetyResult",
+    "SafetySuite",
+    "TransformersClassifier",
+    "available_languages",
+    "greedy_char_attack",
+    "load_lexicon",
+    "load_metric",
+    "metric_path",
+    "perturb",
+    "template_sets",
+    "text_counterfactuals",
+]

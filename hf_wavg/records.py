@@ -1,0 +1,21 @@
+"""The names of every file hf_wavg writes beside weights or into checkpoints, in one place
+(as PEFT's ``utils/constants.py`` holds its file names). Plain strings: the command line
+and the Hub upload import them without loading torch."""
+
+# In every checkpoint folder: the averager's state.
+STATE_FILE = "wavg_state.json"  # the record: settings, counters, and the tensor files it lists
+STATE_TENSOR_PREFIX = "wavg_state-"  # its tensor files: wavg_state-<rank>-of-<world>-<token>.safetensors
+
+# Beside saved weights: how they were made. Each is rendered by hf_wavg.model_card.
+AVERAGING_FILE = "wavg_averaging.json"  # WAvgTrainer.averaging_summary(): the running average's settings
+MERGE_FILE = "wavg_merge.json"  # an average or soup of saved checkpoints (hf-wavg average, soup)
+WISE_FT_FILE = "wavg_wise_ft.json"  # the WiSE-FT sweep, beside the weights at the chosen alpha
+POSTHOC_EMA_FILE = "wavg_posthoc_ema.json"  # a post-hoc EMA synthesised from stored profiles
+
+# Beside saved weights and in the output folder: the safety suite's history over training.
+SAFETY_REPORT_FILE = "safety_report.json"
+SAFETY_PLOT_FILE = "safety_metrics.png"
+
+# Keys of the safety report's history: which weights each entry measured.
+SAFETY_WEIGHTS = ("average", "raw")
+SAFETY_DELTA = "delta"  # entries holding average minus raw, paired
