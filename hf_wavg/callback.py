@@ -25,6 +25,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_wavg.averager import WeightAverager
+from hf_wavg.averaging.strategies import EMA
 from hf_wavg.averaging.window import AveragingWindow, averaging_window, update_steps
 from hf_wavg.config import WAvgConfig
 from hf_wavg.safety.config import SafetyConfig
@@ -164,9 +165,9 @@ class WAvgCallback(TrainerCallback):
             )
         else:
             logger.info("hf_wavg: the average will span %s", planned.sentence())
-        decay = self.config.ema_decay
-        if self.config.method == "ema" and self.config.horizon is None and decay is not None and planned.snapshots > 1:
-            reached = self.averager.strategy.schedule(planned.snapshots - 1)  # type: ignore[union-attr]
+        decay, strategy = self.config.ema_decay, self.averager.strategy if self.averager else None
+        if isinstance(strategy, EMA) and self.config.horizon is None and decay is not None and planned.snapshots > 1:
+            reached = strategy.schedule(planned.snapshots - 1)
             if reached < decay:
                 logger.warning(
                     "hf_wavg: ema_decay=%g never takes effect in this run: its warm-up caps the decay at %.4g by the "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -18,6 +18,7 @@ from torch import nn
 
 from hf_wavg.averager import WeightAverager
 from hf_wavg.averaging.methods import METHOD_NAMES, METHOD_SETTINGS, METHODS
+from hf_wavg.averaging.posthoc_ema import validate_sigma_rels
 from hf_wavg.averaging.schedules import SCHEDULES
 from hf_wavg.averaging.strategies import AveragingStrategy
 
@@ -34,6 +35,11 @@ def _value_types(hint: Any) -> tuple[set[Any], bool]:
     options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
     kinds = {str if get_origin(option) is Literal else option for option in options}
     return kinds - {type(None)}, type(None) in kinds
+
+
+def _defaults() -> dict[str, Any]:
+    return {spec.name: spec.default if spec.default is not MISSING else spec.default_factory()  # type: ignore[misc]
+            for spec in fields(WAvgConfig)}
 
 
 @dataclass
@@ -64,6 +70,24 @@ class WAvgConfig:
     ema_power: float = field(default=2.0 / 3.0, metadata=_help("Exponent p of the power schedule (> 0)."))
     ema_gamma: float = field(default=1.0, metadata=_help("Scale gamma of the power schedule (> 0)."))
     lawa_k: int = field(default=5, metadata=_help("LAWA: number of latest snapshots averaged (>= 1)."))
+    bema_ema_power: float = field(
+        default=0.5,
+        metadata=_help("BEMA: exponent k of the EMA weight max((lag + multiplier t)^-k, bema_min_ema_multiplier), "
+                       "t the optimizer step; 0 disables the EMA (>= 0)."),
+    )
+    bema_bias_power: float = field(
+        default=0.2,
+        metadata=_help("BEMA: exponent of the correction weight (lag + multiplier t)^-power on (w_t - w_0) (>= 0)."),
+    )
+    bema_lag: float = field(default=10.0, metadata=_help("BEMA: virtual starting age in optimizer steps (>= 0)."))
+    bema_multiplier: float = field(default=1.0, metadata=_help("BEMA: scale of the step t in lag + multiplier t (> 0)."))
+    bema_min_ema_multiplier: float = field(default=0.0, metadata=_help("BEMA: floor of the EMA weight, in [0, 1]."))
+    posthoc_ema_sigma_rels: list[float] = field(
+        default_factory=lambda: [0.05, 0.10],
+        metadata=_help("posthoc_ema: relative widths (Karras et al. 2024) of the power-function EMA profiles kept "
+                       "during training and saved in every checkpoint; hf-wavg posthoc-ema synthesises any other "
+                       "width from them. Each in (0, 0.2887]."),
+    )
     update_every: int = field(default=1, metadata=_help("Fold the weights in every N optimizer steps (>= 1)."))
     start_step: int = field(default=0, metadata=_help("First optimizer step that may be folded in (>= 0)."))
     start_fraction: float | None = field(
@@ -124,6 +148,16 @@ class WAvgConfig:
         self._check(self.ema_power > 0.0, "ema_power", "> 0")
         self._check(self.ema_gamma > 0.0, "ema_gamma", "> 0")
         self._check_int("lawa_k", minimum=1)
+        for name in ("bema_ema_power", "bema_bias_power", "bema_lag"):
+            self._check(getattr(self, name) >= 0.0, name, ">= 0")
+        self._check(self.bema_multiplier > 0.0, "bema_multiplier", "> 0")
+        self._check(0.0 <= self.bema_min_ema_multiplier <= 1.0, "bema_min_ema_multiplier", "in [0, 1]")
+        try:
+            self.posthoc_ema_sigma_rels = list(validate_sigma_rels(self.posthoc_ema_sigma_rels))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"WAvgConfig.posthoc_ema_sigma_rels: {error}") from None
+        if self.horizon is not None and not METHODS[self.method].horizon_sets:
+            raise ValueError(f"WAvgConfig.horizon is not defined for method={self.method!r}: set its own settings")
         self._check_int("update_every", minimum=1)
         self._check_int("start_step", minimum=0)
         self._check_int("refine_every_epochs", minimum=0)
@@ -158,7 +192,7 @@ class WAvgConfig:
 
     def _warn_about_conflicts(self) -> None:
         """Settings that do nothing with the others: say so rather than ignore them."""
-        defaults = {spec.name: spec.default for spec in fields(self)}
+        defaults = _defaults()
         method = METHODS[self.method]
         for name in METHOD_SETTINGS:
             if name not in method.settings and getattr(self, name) != defaults[name]:

@@ -14,6 +14,7 @@ from hf_wavg.averaging.methods import CARD_KEYS
 from hf_wavg.records import (
     AVERAGING_FILE,
     MERGE_FILE,
+    POSTHOC_EMA_FILE,
     SAFETY_DELTA,
     SAFETY_PLOT_FILE,
     SAFETY_REPORT_FILE,
@@ -106,7 +107,13 @@ def wise_ft_table(record: dict[str, Any]) -> str:
 def merge_card_section(record: dict[str, Any]) -> str:
     """How post-hoc averaged weights (``wavg_merge.json``) were made."""
     sources = record["checkpoints"]
-    what = "LoRA adapters (factor by factor)" if record.get("kind") == "adapter" else "checkpoints"
+    lora = record.get("lora")
+    if record.get("kind") == "adapter":
+        what = {"exact": "LoRA adapters (exactly: the adapter of summed rank whose update is the mean update)",
+                "svd": "LoRA adapters (the mean update, truncated by SVD)"}.get(
+            (lora or {}).get("mode"), "LoRA adapters (factor by factor)")
+    else:
+        what = "checkpoints"
     lines = ["## Checkpoint averaging (hf_wavg)", ""]
     if record.get("soup") == "greedy":
         lines += [
@@ -115,12 +122,45 @@ def merge_card_section(record: dict[str, Any]) -> str:
             f"drop (final: {_number(record['score'])}).",
             "", soup_trials_table(record), "",
         ]
+    elif record.get("method") == "model-stock":
+        ratios = [layer["t"] for layer in record.get("layers", {}).values()]
+        spread = f"{min(ratios):.3f} to {max(ratios):.3f} (median {sorted(ratios)[len(ratios) // 2]:.3f})" \
+            if ratios else "n/a"
+        lines += [
+            f"These weights are a Model Stock soup (Jang et al. 2024) of {len(sources)} fine-tuned {what}: per tensor, "
+            f"t * average + (1 - t) * pre-trained, with t = k cos / (1 + (k - 1) cos) from the angle between the "
+            f"fine-tuned updates. Pre-trained: {record['pretrained']}; t ranged from {spread}; "
+            f"{len(record.get('plain_average', []))} tensors without a pre-trained counterpart are plain averages.", "",
+        ]
     else:
         lines += [f"These weights are the {record['method']} average of {len(sources)} saved {what}.", ""]
+    if lora and lora.get("mode") == "svd":
+        lines += [f"SVD rank {lora['rank']}: largest relative Frobenius error of a layer's update "
+                  f"{lora['max_relative_error']:.3g}.", ""]
     lines += ["| checkpoint | training step | weight |", "|---|---|---|"]
     lines += [f"| {Path(s['path']).name} | {s['step'] if s['step'] is not None else 'n/a'} | {s['weight']:.4f} |"
               for s in sources]
     return "\n".join(lines) + "\n"
+
+
+def posthoc_ema_card_section(record: dict[str, Any]) -> str:
+    """How a post-hoc EMA (``wavg_posthoc_ema.json``) was synthesised."""
+    sweep = record.get("sweep")
+    lines = [
+        "## Post-hoc EMA (hf_wavg)", "",
+        f"These weights are a power-function EMA of relative width sigma_rel = {record['sigma_rel']:g} (Karras et al. "
+        f"2024), synthesised after training by least squares from the EMA profiles saved in "
+        f"{len(record['checkpoints'])} checkpoints, at update {record['num_updates']}; the synthesised profile's "
+        f"relative error is {record['relative_error']:.2e}.", "",
+    ]
+    if sweep:
+        lines += [f"The width was chosen as the best {sweep['selected_by']} of a sweep:", ""]
+        keys = [k for k in sweep["rows"][0] if k not in ("sigma_rel", "relative_error") and "/" not in k]
+        lines += ["| sigma_rel | fit error | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join([f"{row['sigma_rel']:g}", f"{row['relative_error']:.2e}",
+                                     *(_number(row.get(k)) for k in keys)]) + " |" for row in sweep["rows"]]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def wise_ft_card_section(record: dict[str, Any]) -> str:
@@ -226,10 +266,11 @@ def _cell(metrics: dict[str, float | None], key: str, signed: bool = False) -> s
 # Each record beside the weights and the section it becomes, in the card's order.
 _SECTIONS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     (AVERAGING_FILE, averaging_card_section), (MERGE_FILE, merge_card_section),
-    (WISE_FT_FILE, wise_ft_card_section), (SAFETY_REPORT_FILE, report_card_section),
+    (WISE_FT_FILE, wise_ft_card_section), (POSTHOC_EMA_FILE, posthoc_ema_card_section),
+    (SAFETY_REPORT_FILE, report_card_section),
 )
 # The records that say how the weights were made (the safety report alone does not).
-AVERAGING_RECORDS = (AVERAGING_FILE, MERGE_FILE, WISE_FT_FILE)
+AVERAGING_RECORDS = (AVERAGING_FILE, MERGE_FILE, WISE_FT_FILE, POSTHOC_EMA_FILE)
 
 
 def card_sections(directory: str | os.PathLike[str]) -> str:

@@ -101,11 +101,14 @@ class WAvgTrainer(Trainer):
     def _average_ready(self) -> bool:
         return self.averager is not None and self.averager.has_average
 
+    def _average_swapped_in(self) -> bool:
+        return self.averager is not None and self.averager.is_swapped_in
+
     @contextmanager
     def averaged_weights(self) -> Iterator[nn.Module]:
         """The model with the average swapped in (and BatchNorm statistics recomputed for it
         when configured); the raw weights come back bit for bit afterwards."""
-        recompute = self.wavg_config.recompute_batchnorm and not self.averager.is_swapped_in  # type: ignore[union-attr]
+        recompute = self.wavg_config.recompute_batchnorm and not self._average_swapped_in()
         with self.wavg_callback.averaged_weights() as model:
             context = recomputed_batchnorm(model, self._training_batches(), self.wavg_config.batchnorm_batches) \
                 if recompute else nullcontext()
@@ -169,7 +172,7 @@ class WAvgTrainer(Trainer):
         evaluate = super().evaluate
         if self.wavg_config.evaluate_average and not self._average_ready():
             self._warn_unaveraged(f"{prefix}_* metrics are the raw weights'")
-        if not self.wavg_config.evaluate_average or not self._average_ready() or self.averager.is_swapped_in:  # type: ignore[union-attr]
+        if not self.wavg_config.evaluate_average or not self._average_ready() or self._average_swapped_in():
             return evaluate(dataset, ignore_keys, f"{prefix}{suffix}")
         metrics: dict[str, float] = {}
         if self.wavg_config.evaluate_raw:
@@ -288,12 +291,12 @@ class WAvgTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        weight = self.safety_config.safety_logit_pairing_weight if self.safety_config else 0.0
-        if not weight or not model.training:
+        config = self.safety_config
+        if config is None or not config.safety_logit_pairing_weight or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         penalty = logit_pairing_penalty(
-            model, self.processing_class, inputs, outputs.logits, self.safety_config.languages, self._pairing_rng  # type: ignore[union-attr]
+            model, self.processing_class, inputs, outputs.logits, config.languages, self._pairing_rng
         )
-        loss = loss + weight * penalty
+        loss = loss + config.safety_logit_pairing_weight * penalty
         return (loss, outputs) if return_outputs else loss

@@ -7,8 +7,7 @@ import weakref
 import pytest
 import torch
 
-from hf_wavg.averaging import EMA, LAWA, SWA, DecaySchedule
-from hf_wavg.averaging import kernels
+from hf_wavg.averaging import EMA, LAWA, SWA, DecaySchedule, kernels
 from tests.reference import assert_close_to_reference, ema_reference, mean_reference
 
 SHAPES = [(7, 5), (13,), (3, 4, 2), ()]

@@ -21,7 +21,7 @@ import hf_wavg.posthoc.merge as merge_module
 from hf_wavg.cli import main
 from hf_wavg.data import load_split
 from hf_wavg.demo.sample_data import write_sample
-from hf_wavg.posthoc.constants import MERGE_FILE
+from hf_wavg.records import MERGE_FILE
 from tests.trainer_helpers import local_tokenizer
 
 pytestmark = pytest.mark.slow

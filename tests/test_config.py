@@ -15,7 +15,7 @@ from tests.models import TiedLM
 @pytest.mark.parametrize(
     ("field", "value", "allowed"),
     [
-        ("method", "median", "one of ema, swa, lawa"),
+        ("method", "median", "one of ema, swa, lawa, bema, posthoc_ema"),
         ("ema_decay", 1.0, r"in the open interval \(0, 1\) or None"),
         ("ema_decay", 0.0, r"in the open interval \(0, 1\) or None"),
         ("horizon", 0.0, r"in \(0, 1\] or None"),

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from hf_wavg import AveragerStateError, DecaySchedule, WAvgConfig, WeightAverager, EMA
+from hf_wavg import EMA, AveragerStateError, DecaySchedule, WAvgConfig, WeightAverager
 from tests.reference import assert_close_to_reference, ema_reference
 from tests.trainer_helpers import SnapshotRecorder, averaged_named, make_trainer, seeded_classifier
 

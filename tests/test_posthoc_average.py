@@ -18,8 +18,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Llam
 
 import hf_wavg.posthoc.merge as merge_module
 from hf_wavg.posthoc import CheckpointError, average_checkpoints, load_average_into
-from hf_wavg.posthoc.constants import MERGE_FILE
 from hf_wavg.posthoc.merge import checked_weights
+from hf_wavg.records import MERGE_FILE
 from tests.trainer_helpers import local_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -212,7 +212,7 @@ def test_lora_adapters_are_averaged_factor_by_factor_and_load_with_peft(tmp_path
         model.save_pretrained(tmp_path / f"adapter-{seed}")
         adapters.append(tmp_path / f"adapter-{seed}")
 
-    out = average_checkpoints(adapters, tmp_path / "avg", progress=False)
+    out = average_checkpoints(adapters, tmp_path / "avg", progress=False, lora_mode="factors")
     expected = numpy_mean([load_file(a / "adapter_model.safetensors") for a in adapters])
     assert_states_equal(load_file(out / "adapter_model.safetensors"), expected)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
@@ -222,7 +222,7 @@ def test_lora_adapters_are_averaged_factor_by_factor_and_load_with_peft(tmp_path
     assert_states_equal({k: live[k] for k in expected}, expected)
 
     # Written into a live PeftModel, the average lands in its adapter tensors.
-    load_average_into(model, adapters)
+    load_average_into(model, adapters, lora_mode="factors")
     from peft import get_peft_model_state_dict
 
     assert_states_equal(get_peft_model_state_dict(model), expected)

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_wavg import SWA, AveragerStateError, WeightAverager
-from hf_wavg import sharding
+from hf_wavg import SWA, AveragerStateError, WeightAverager, sharding
 from hf_wavg.sharding import Piece, Placement, clean_name, even_slice
 
 

@@ -17,8 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Llam
 from hf_wavg.cli import main
 from hf_wavg.demo.sample_data import LABEL_NAMES, sample_rows
 from hf_wavg.posthoc import ModelEvaluator, WiseFT, average_checkpoints, greedy_soup
-from hf_wavg.posthoc.constants import MERGE_FILE
-from hf_wavg.posthoc.constants import WISE_FT_FILE
+from hf_wavg.records import MERGE_FILE, WISE_FT_FILE
 from hf_wavg.safety import SafetyConfig
 from tests.trainer_helpers import local_tokenizer
 

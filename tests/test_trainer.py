@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, EarlyStoppingCallback, Trainer
 
 from hf_wavg import AveragerStateError, DecaySchedule, WAvgCallback, WAvgConfig
+from hf_wavg.averaging.methods import METHODS
 from hf_wavg.state_io import load_state
 from tests.reference import assert_close_to_reference, ema_reference, mean_reference
 from tests.trainer_helpers import SnapshotRecorder, averaged_named, make_trainer, raw_state
@@ -70,10 +71,18 @@ def test_average_saved_model_and_evaluation_match_independent_references(minilm_
     assert window["effective_window_steps"] == pytest.approx(2 / (1 - 4 / 13), abs=0.01)
 
 
-@pytest.mark.parametrize("method", ["ema", "lawa"])
+RESUME_SETTINGS = {"ema": {"ema_decay": 0.9}, "lawa": {"lawa_k": 3}, "bema": {"bema_lag": 2.0},
+                   "posthoc_ema": {"posthoc_ema_sigma_rels": [0.05, 0.2]}}
+
+
+def test_every_registered_method_has_a_resume_test():
+    assert set(RESUME_SETTINGS) | {"swa"} == set(METHODS)  # SWA is EMA's running mean with another weight
+
+
+@pytest.mark.parametrize("method", sorted(RESUME_SETTINGS))
 def test_resume_from_mid_run_checkpoint_gives_the_uninterrupted_average(minilm_path, tmp_path, method):
-    config = WAvgConfig(method=method, lawa_k=3, ema_decay=0.9)
-    args = dict(save_strategy="steps", save_steps=4)
+    config = WAvgConfig(method=method, **RESUME_SETTINGS[method])
+    args = dict(save_strategy="steps", save_steps=4, tiny=method not in ("ema", "lawa"))
     full = make_trainer(minilm_path, tmp_path / "full", config, **args)
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-4"

@@ -16,12 +16,11 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
 from hf_wavg import WAvgCallback, WAvgConfig
-from hf_wavg.demo.sample_data import sample_rows
 from hf_wavg.state_io import load_state
 from tests.reference import assert_close_to_reference, ema_reference, mean_reference
 from tests.trainer_helpers import SnapshotRecorder, averaged_named, local_tokenizer
 
-trl = pytest.importorskip("trl", reason="trl is not installed (pip install -e '.[test]' installs it)")
+trl = pytest.importorskip("trl", reason="trl is not installed: these tests run WAvgCallback in TRL's SFTTrainer")
 SFTConfig, SFTTrainer = trl.SFTConfig, trl.SFTTrainer
 
 pytestmark = pytest.mark.slow
@@ -37,6 +36,18 @@ REFERENCES: dict[str, Callable[[list[list[torch.Tensor]]], list[torch.Tensor]]] 
     "swa": mean_reference,
     "ema": lambda snapshots: ema_reference(snapshots, lambda n: EMA_DECAY),
 }
+# Every 3 steps: a resume from step 3 falls mid-epoch (4 batches per epoch), where the Trainer
+# skips the batches already seen.
+CHECKPOINTS: dict[str, Any] = {"save_strategy": "steps", "save_steps": 3}
+
+
+def review_texts() -> list[str]:
+    """48 short distinct sentences, in a fixed order (the first 32 train, the rest evaluate)."""
+    nouns = ["phone", "movie", "hotel", "book", "laptop", "camera", "song", "delivery"]
+    adjectives = ["great", "awful", "boring", "superb", "reliable", "broken"]
+    templates = ["The {} was {}.", "I found the {} {}."]
+    texts = [t.format(n, a) for a in adjectives for n in nouns for t in templates]
+    return [texts[(7 * i) % len(texts)] for i in range(48)]  # 7 is coprime to 96: a spread of distinct texts
 
 
 @dataclass
@@ -49,9 +60,9 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
-    rows = sample_rows(per_language=16, seed=3)
-    held_out = sample_rows(per_language=8, seed=4)
-    tokenizer = local_tokenizer([r["text"] for r in rows + held_out])
+    texts = review_texts()
+    train, held_out = texts[:32], texts[32:48]
+    tokenizer = local_tokenizer(texts)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -59,8 +70,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     torch.manual_seed(0)
     base_dir = tmp_path_factory.mktemp("trl") / "base"
     LlamaForCausalLM(config).save_pretrained(base_dir)
-    return Setup(tokenizer, base_dir, Dataset.from_dict({"text": [r["text"] for r in rows]}),
-                 Dataset.from_dict({"text": [r["text"] for r in held_out]}))
+    return Setup(tokenizer, base_dir, Dataset.from_dict({"text": train}), Dataset.from_dict({"text": held_out}))
 
 
 def base_model(setup: Setup) -> LlamaForCausalLM:
@@ -70,12 +80,13 @@ def base_model(setup: Setup) -> LlamaForCausalLM:
 def sft_trainer(setup: Setup, output_dir: Path, callbacks: list[TrainerCallback], **overrides: Any) -> Any:
     """An SFTTrainer that wraps the base model in a fresh LoRA adapter (seeded by TRL from
     ``seed``): 32 texts, batches of 8, 8 steps; the 16 held-out texts are one eval batch."""
-    settings: dict[str, Any] = dict(
-        output_dir=str(output_dir), max_steps=8, per_device_train_batch_size=8, per_device_eval_batch_size=16,
-        learning_rate=1e-2, max_length=32, save_strategy="no", eval_strategy="no", report_to="none",
-        logging_steps=100, disable_tqdm=True, seed=0, data_seed=0, dataloader_pin_memory=False,
-        bf16=False,  # TRL's default bf16=True is refused on a machine without a bf16 accelerator
-    )
+    settings: dict[str, Any] = {
+        "output_dir": str(output_dir), "max_steps": 8, "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 16, "learning_rate": 1e-2, "max_length": 32, "save_strategy": "no",
+        "eval_strategy": "no", "report_to": "none", "logging_steps": 100, "disable_tqdm": True, "seed": 0,
+        "data_seed": 0, "dataloader_pin_memory": False,
+        "bf16": False,  # TRL's default bf16=True is refused on a machine without a bf16 accelerator
+    }
     settings.update(overrides)
     return SFTTrainer(
         model=base_model(setup), args=SFTConfig(**settings), train_dataset=setup.train, eval_dataset=setup.eval,
@@ -83,10 +94,6 @@ def sft_trainer(setup: Setup, output_dir: Path, callbacks: list[TrainerCallback]
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                                task_type="CAUSAL_LM"),
     )
-
-
-def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def eval_batch(trainer: Any) -> dict[str, torch.Tensor]:
@@ -118,7 +125,7 @@ def run(request: pytest.FixtureRequest, setup: Setup, tmp_path_factory: pytest.T
     method = request.param
     wavg, recorder = WAvgCallback(CONFIGS[method]), SnapshotRecorder()
     # The recorder comes after the averaging callback: each snapshot is the weights that were folded in.
-    trainer = sft_trainer(setup, tmp_path_factory.mktemp(method), [wavg, recorder])
+    trainer = sft_trainer(setup, tmp_path_factory.mktemp(method), [wavg, recorder], **CHECKPOINTS)
     initial_base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     trainer.train()
     return Run(method, trainer, wavg, recorder, initial_base)
@@ -155,7 +162,6 @@ def test_evaluating_the_average_reports_its_loss_and_restores_the_raw_adapter(ru
     batch = eval_batch(trainer)
     raw_loss = trainer.evaluate()["eval_loss"]
     with wavg.averaged_weights() as averaged:
-        assert averaged is trainer.model
         averaged_loss = trainer.evaluate()["eval_loss"]
         averaged.save_pretrained(tmp_path / "adapter")
     # Bit for bit the raw weights again, base and adapter.
@@ -183,10 +189,11 @@ def test_the_saved_average_is_an_adapter_that_reloads_as_the_average(run: Run, s
     reloaded = PeftModel.from_pretrained(base_model(setup), tmp_path / "adapter")
     average = averaged_named(wavg.averager)
     reloaded_adapter = {n: p for n, p in reloaded.named_parameters() if ".lora_" in n}
+    raw = dict(trainer.model.named_parameters())
     assert reloaded_adapter.keys() == average.keys()
     for name, value in average.items():
         assert torch.equal(reloaded_adapter[name], value), name
-        assert not torch.equal(dict(trainer.model.named_parameters())[name], value), name
+        assert not torch.equal(raw[name], value), name  # the average was saved, not the raw adapter
     for name, param in reloaded.named_parameters():
         if name in run.initial_base:
             assert torch.equal(param, run.initial_base[name]), name
@@ -203,15 +210,9 @@ class StopAfter(TrainerCallback):
             control.should_training_stop = True
 
 
-@pytest.mark.parametrize("method", sorted(CONFIGS))
-def test_an_interrupted_run_resumes_to_the_uninterrupted_average(setup: Setup, tmp_path: Path, method: str) -> None:
-    # Checkpoints every 3 steps: the resume falls mid-epoch (4 batches per epoch), where
-    # the Trainer skips the batches already seen.
-    checkpoints = dict(save_strategy="steps", save_steps=3)
-    full = WAvgCallback(CONFIGS[method])
-    sft_trainer(setup, tmp_path / "full", [full], **checkpoints).train()
-
-    sft_trainer(setup, tmp_path / "cut", [WAvgCallback(CONFIGS[method]), StopAfter(5)], **checkpoints).train()
+def test_an_interrupted_run_resumes_to_the_uninterrupted_average(run: Run, setup: Setup, tmp_path: Path) -> None:
+    config = CONFIGS[run.method]
+    sft_trainer(setup, tmp_path / "cut", [WAvgCallback(config), StopAfter(5)], **CHECKPOINTS).train()
     checkpoint = tmp_path / "cut" / "checkpoint-3"
     assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-3"]
     state, _ = load_state(checkpoint)
@@ -219,12 +220,18 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_average(setup: Setup, t
 
     # A new trainer and a new callback, in the same folder: the callback finds the state the
     # Trainer resumed with.
-    resumed = WAvgCallback(CONFIGS[method])
-    trainer = sft_trainer(setup, tmp_path / "cut", [resumed], **checkpoints)
+    resumed = WAvgCallback(config)
+    trainer = sft_trainer(setup, tmp_path / "cut", [resumed], **CHECKPOINTS)
     trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 8
-    assert resumed.averager.num_updates == full.averager.num_updates == 8
-    uninterrupted = averaged_named(full.averager)
-    assert averaged_named(resumed.averager).keys() == uninterrupted.keys()
-    for name, value in uninterrupted.items():
-        assert torch.equal(averaged_named(resumed.averager)[name], value), name
+    assert resumed.averager.num_updates == run.wavg.averager.num_updates == 8
+    # Resumed elsewhere, the callback is told the folder (a Trainer does not tell its callbacks).
+    told = WAvgCallback(config, resume_from_checkpoint=str(checkpoint))
+    sft_trainer(setup, tmp_path / "elsewhere", [told], **CHECKPOINTS).train(resume_from_checkpoint=str(checkpoint))
+    # Bit for bit: the same data order, and the state restored exactly.
+    uninterrupted = averaged_named(run.wavg.averager)
+    for callback in (resumed, told):
+        assert callback.averager.num_updates == 8
+        assert averaged_named(callback.averager).keys() == uninterrupted.keys()
+        for name, value in uninterrupted.items():
+            assert torch.equal(averaged_named(callback.averager)[name], value), name

@@ -26,7 +26,8 @@ class Method:
             imported on first use.
         settings: the ``WAvgConfig`` fields only this method reads; setting one of them under
             another method draws a warning.
-        horizon_sets: the fields a ``horizon`` replaces (setting them too draws a warning).
+        horizon_sets: the fields a ``horizon`` replaces (setting them too draws a warning); a
+            method without any does not take a ``horizon``.
         horizon_default_unless: the field whose value, when left None, means "span the
             default horizon"; None if the method has no default horizon.
         card_keys: the keys of the strategy's ``describe()`` that the model card shows, in order.
@@ -63,6 +64,16 @@ METHODS: dict[str, Method] = {
         Method(
             "lawa", "mean of the latest k snapshots", f"{_STRATEGIES}:LAWA",
             settings=("lawa_k",), horizon_sets=("update_every",), card_keys=("k",),
+        ),
+        Method(
+            "bema", "bias-corrected EMA (Block & Zhang 2025), as TRL's BEMACallback", "hf_wavg.averaging.bema:BEMA",
+            settings=("bema_ema_power", "bema_bias_power", "bema_lag", "bema_multiplier", "bema_min_ema_multiplier"),
+            card_keys=("ema_power", "bias_power", "lag", "multiplier", "min_ema_multiplier"),
+        ),
+        Method(
+            "posthoc_ema", "power-function EMA profiles saved in every checkpoint, so that the EMA length is chosen "
+            "after training (hf-wavg posthoc-ema)", "hf_wavg.averaging.posthoc_ema:PostHocEMA",
+            settings=("posthoc_ema_sigma_rels",), card_keys=("sigma_rels",),
         ),
     )
 }

@@ -206,7 +206,7 @@ class SynthesisPlan:
     """How stored profiles combine into the EMA of ``sigma_rel`` at time ``t_target``.
 
     ``weights[i][j]`` multiplies profile ``j`` of checkpoint ``i`` (checkpoints in the order
-    given); ``relative_error`` is how far the combined profile is from the target's, in L2
+    given), the least-squares weights scaled to sum to 1; ``relative_error`` is how far the combined profile is from the target's, in L2
     relative to the target's norm."""
 
     sigma_rel: float
@@ -256,6 +256,12 @@ def plan_synthesis(metas: Sequence[Mapping[str, Any]], sigma_rel: float, t_targe
     t_stored = np.repeat(np.asarray(times, dtype=np.float64), len(gammas))
     gamma_stored = np.tile(np.asarray(gammas, dtype=np.float64), len(times))
     weights = solve_weights(t_stored, gamma_stored, t_target, gamma)
+    total = float(weights.sum())
+    if not total > 0.0:
+        raise ValueError(f"the stored profiles cannot represent sigma_rel={sigma_rel} at t={t_target}")
+    # Scaled to sum to 1, as the EDM2 reference code does: a tensor that never changed comes
+    # out unchanged, and the fit's error does not scale the weights' common part.
+    weights = weights / total
     error = relative_fit_error(t_stored, gamma_stored, weights, t_target, gamma)
     rows = tuple(tuple(float(w) for w in row) for row in weights.reshape(len(times), len(gammas)))
     return SynthesisPlan(float(sigma_rel), gamma, t_target, times, gammas, rows, error)

@@ -4,8 +4,12 @@ a labelled dataset. Heavy libraries are imported inside the functions that use t
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
+
+from hf_wavg.posthoc.constants import LORA_MODES
+from hf_wavg.records import MERGE_FILE
 
 
 def output_flags(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +29,30 @@ def evaluation_flags(parser: argparse.ArgumentParser, required: bool = False) ->
     parser.add_argument("--safety", action="store_true", help="also run the safety suite on each candidate")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
+
+
+def lora_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lora-mode", choices=("auto", *LORA_MODES), default="auto",
+        help="how LoRA adapters combine: exact (one adapter of rank sum(r) whose update is the weighted mean of "
+             "the updates), svd (that mean truncated to --lora-rank, with the error per layer recorded), factors "
+             "(mean of A and of B: close only within one run). auto (default): factors for checkpoint-* folders of "
+             "one run, exact otherwise",
+    )
+    parser.add_argument("--lora-rank", type=int, help="rank of --lora-mode svd (default: the largest input rank)")
+
+
+def print_lora_record(out: Path, quiet: bool) -> None:
+    """Say how adapters were combined, and for an SVD how much the truncation lost."""
+    lora = json.loads((Path(out) / MERGE_FILE).read_text(encoding="utf-8")).get("lora")
+    if not lora:
+        return
+    print(f"LoRA adapters combined with {lora['mode']} (rank {lora['rank']}): {lora['reason']}")
+    if lora["mode"] == "svd":
+        print(f"largest relative Frobenius error of the truncation: {lora['max_relative_error']:.3g}")
+        if not quiet:
+            for layer, error in lora["relative_error"].items():
+                print(f"  {layer}: {error:.3g}")
 
 
 def streaming_process() -> None:

@@ -1,4 +1,5 @@
-"""Post-hoc tools on saved checkpoints: streaming averages, model soups and WiSE-FT."""
+"""Post-hoc tools on saved checkpoints: streaming averages (LoRA adapters in update space too), uniform, greedy and
+Model Stock soups, WiSE-FT, and post-hoc EMA."""
 
 from typing import TYPE_CHECKING
 
@@ -7,8 +8,11 @@ from hf_wavg._lazy import lazy_exports
 if TYPE_CHECKING:
     from hf_wavg.posthoc.checkpoints import CheckpointError, CheckpointReader
     from hf_wavg.posthoc.evaluation import ModelEvaluator, greater_is_better
+    from hf_wavg.posthoc.lora_update import combine_in_update_space
     from hf_wavg.posthoc.merge import average_checkpoints
+    from hf_wavg.posthoc.model_stock import model_stock
     from hf_wavg.posthoc.model_weights import load_average_into
+    from hf_wavg.posthoc.posthoc_ema import PosthocEMAResult, load_posthoc_ema_into, posthoc_ema, posthoc_ema_sweep
     from hf_wavg.posthoc.soups import SoupResult, greedy_soup, uniform_soup
     from hf_wavg.posthoc.wise_ft import WiseFT, WiseFTResult, wise_ft
 
@@ -20,6 +24,12 @@ _EXPORTS = {
     "ModelEvaluator": "hf_wavg.posthoc.evaluation",
     "greater_is_better": "hf_wavg.posthoc.evaluation",
     "average_checkpoints": "hf_wavg.posthoc.merge",
+    "combine_in_update_space": "hf_wavg.posthoc.lora_update",
+    "model_stock": "hf_wavg.posthoc.model_stock",
+    "PosthocEMAResult": "hf_wavg.posthoc.posthoc_ema",
+    "load_posthoc_ema_into": "hf_wavg.posthoc.posthoc_ema",
+    "posthoc_ema": "hf_wavg.posthoc.posthoc_ema",
+    "posthoc_ema_sweep": "hf_wavg.posthoc.posthoc_ema",
     "load_average_into": "hf_wavg.posthoc.model_weights",
     "SoupResult": "hf_wavg.posthoc.soups",
     "greedy_soup": "hf_wavg.posthoc.soups",
@@ -36,13 +46,19 @@ __all__ = [
     "CheckpointError",
     "CheckpointReader",
     "ModelEvaluator",
+    "PosthocEMAResult",
     "SoupResult",
     "WiseFT",
     "WiseFTResult",
     "average_checkpoints",
+    "combine_in_update_space",
     "greater_is_better",
     "greedy_soup",
     "load_average_into",
+    "load_posthoc_ema_into",
+    "model_stock",
+    "posthoc_ema",
+    "posthoc_ema_sweep",
     "uniform_soup",
     "wise_ft",
 ]

@@ -32,17 +32,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from hf_wavg.posthoc.checkpoints import CheckpointError, CheckpointReader
+from hf_wavg.posthoc.constants import LORA_MODES
 
 logger = logging.getLogger(__name__)
 
-LORA_MODES = ("exact", "svd", "factors")
 LoraMode = Literal["auto", "exact", "svd", "factors"]
 UPDATE_SPACE_MODES = ("exact", "svd")  # the modes whose output rank is not the inputs' rank
 
@@ -93,20 +92,20 @@ def resolve_lora_mode(
     does not concern. ``"auto"`` is ``factors`` for checkpoints of one run (``checkpoint-<N>``
     folders of one parent folder) and ``exact`` otherwise. A choice already made (e.g. over all
     the candidates of a greedy soup, for any subset of them) is returned as it is."""
-    if isinstance(lora_mode, LoraModeChoice):
-        choice = lora_mode
-    elif lora_mode not in ("auto", *LORA_MODES):
+    if not isinstance(lora_mode, LoraModeChoice) and lora_mode not in ("auto", *LORA_MODES):
         raise ValueError(f"lora_mode must be one of auto, {', '.join(LORA_MODES)}; got {lora_mode!r}")
-    else:
-        choice = None
     if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
         raise ValueError(f"lora_rank must be a positive integer; got {lora_rank!r}")
     if readers[0].kind != "adapter":
         if lora_mode != "auto" or lora_rank is not None:
             raise ValueError("lora_mode and lora_rank apply to LoRA adapters; these checkpoints are full models")
         return None
-    if choice is None:
-        choice = _auto(readers) if lora_mode == "auto" else LoraModeChoice(lora_mode, f"lora_mode={lora_mode!r} asked for")
+    if isinstance(lora_mode, LoraModeChoice):
+        choice = lora_mode
+    elif lora_mode == "auto":
+        choice = _auto(readers)
+    else:
+        choice = LoraModeChoice(lora_mode, f"lora_mode={lora_mode!r} asked for")
     if lora_rank is not None and choice.mode != "svd":
         raise ValueError(f"lora_rank applies to lora_mode='svd' only; the adapters are combined with {choice.mode!r}")
     return choice

@@ -29,7 +29,6 @@ from hf_wavg.posthoc.checkpoints import (
     is_training_state,
     weight_file_names,
 )
-from hf_wavg.posthoc.constants import MERGE_FILE
 from hf_wavg.posthoc.lora_update import (
     UPDATE_SPACE_MODES,
     LoraMode,
@@ -40,6 +39,7 @@ from hf_wavg.posthoc.lora_update import (
     resolve_lora_mode,
 )
 from hf_wavg.posthoc.output import prepare_output_dir, staged_dir
+from hf_wavg.records import MERGE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -155,15 +155,12 @@ def average_tensor_into(
         return
     total = math.fsum(weights)
     for start, stop in _row_chunks(readers[0].tensors[name].shape):
-        accumulator: Tensor | None = None
-        for reader, weight in zip(readers, weights):
-            part = reader.read(name, start, stop)
-            if accumulator is None:
-                accumulator = workspace.take(part.shape).copy_(part).mul_(weight)
-            else:
-                accumulator.add_(part, alpha=weight)  # promoted to float64 element by element, no copy
+        part = readers[0].read(name, start, stop)
+        accumulator = workspace.take(part.shape).copy_(part).mul_(weights[0])
+        for reader, weight in zip(readers[1:], weights[1:]):
+            accumulator.add_(reader.read(name, start, stop), alpha=weight)  # promoted to float64 element by element
         target = out if start is None else out[start:stop]
-        target.copy_(accumulator.div_(total))  # type: ignore[union-attr]
+        target.copy_(accumulator.div_(total))
 
 
 def _output_name(file: Path) -> str:
@@ -240,6 +237,7 @@ def average_checkpoints(
         for name, info in reference.tensors.items():
             names_by_file.setdefault(info.file, []).append(name)
         workspace = Workspace()
+        num_elements = 0  # as written: an update-space combination has a rank of its own
         with tqdm(total=len(reference.tensors), desc="averaging tensors", unit="tensor", disable=not progress) as bar:
             for file, names in names_by_file.items():
                 shard: dict[str, Tensor] = {}
@@ -250,6 +248,7 @@ def average_checkpoints(
                         info = reference.tensors[name]
                         shard[name] = torch.empty(info.shape, dtype=info.dtype)
                         average_tensor_into(shard[name], readers, name, weights, workspace)
+                    num_elements += shard[name].numel()
                     bar.update()
                 save_file(shard, staging / _output_name(file), metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(names, _output_name(file)))
@@ -267,7 +266,7 @@ def average_checkpoints(
             "kind": reference.kind,
             "checkpoints": describe_sources(readers, weights),
             "num_tensors": len(reference.tensors),
-            "num_elements": sum(info.numel for info in reference.tensors.values()),
+            "num_elements": num_elements,
             **({"lora": lora_record(lora, readers, combined)} if lora is not None else {}),
             **(description or {}),
         }

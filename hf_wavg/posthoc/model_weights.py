@@ -3,13 +3,17 @@ average (or an interpolation) can be written straight into the model without a r
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from hf_wavg.posthoc.checkpoints import CheckpointError, CheckpointKind, CheckpointReader
-from hf_wavg.posthoc.merge import average_tensor_into, checked_weights, open_checkpoints
+from hf_wavg.posthoc.lora_update import UPDATE_SPACE_MODES, LoraMode, LoraModeChoice, resolve_lora_mode
+from hf_wavg.posthoc.merge import average_checkpoints, average_tensor_into, checked_weights, open_checkpoints
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -51,11 +55,27 @@ def matched_state(model: nn.Module, reader: CheckpointReader) -> dict[str, Tenso
 
 @torch.no_grad()
 def load_average_into(
-    model: nn.Module, checkpoints: Sequence[str | CheckpointReader], weights: Sequence[float] | None = None
+    model: nn.Module,
+    checkpoints: Sequence[str | CheckpointReader],
+    weights: Sequence[float] | None = None,
+    *,
+    lora_mode: LoraMode | LoraModeChoice = "auto",
+    lora_rank: int | None = None,
 ) -> None:
     """Overwrite ``model``'s weights with the (weighted) average of ``checkpoints``: the
-    same numbers :func:`~hf_wavg.posthoc.average_checkpoints` writes to disk."""
-    readers = open_checkpoints(checkpoints)
+    same numbers :func:`~hf_wavg.posthoc.average_checkpoints` writes to disk.
+
+    LoRA adapters combined in update space (``lora_mode`` ``"exact"`` or ``"svd"``) have a rank
+    of their own, which no adapter of the model has: the average is written to a temporary
+    folder and loaded in place of the model's active adapter (see :func:`replace_adapter`)."""
+    readers = open_checkpoints(checkpoints, lora_mode)
+    choice = resolve_lora_mode(readers, lora_mode, lora_rank)
+    if choice is not None and choice.mode in UPDATE_SPACE_MODES:
+        with tempfile.TemporaryDirectory(prefix="hf-wavg-adapter-") as folder:
+            average = average_checkpoints(readers, Path(folder) / "average", weights, progress=False,
+                                          lora_mode=choice, lora_rank=lora_rank)
+            replace_adapter(model, average)
+        return
     weights = checked_weights(weights, len(readers))
     for name, target in matched_state(model, readers[0]).items():
         if target.device.type == "cpu" and target.dtype == readers[0].tensors[name].dtype:
@@ -64,3 +84,24 @@ def load_average_into(
             staged = torch.empty(target.shape, dtype=readers[0].tensors[name].dtype)
             average_tensor_into(staged, readers, name, weights)
             target.copy_(staged)
+
+
+def replace_adapter(model: nn.Module, folder: str | os.PathLike[str]) -> None:
+    """Load the adapter saved in ``folder`` into the PeftModel ``model`` in place of its active
+    adapter, under the same name, as trainable as it was and in the same train/eval mode.
+
+    PEFT changes no adapter's rank in place and cannot delete a model's last adapter, so the
+    new one is loaded beside the old one under a spare name, and again under the old name
+    once the old one is gone."""
+    if not is_peft_model(model):
+        raise CheckpointError(f"{folder} holds a PEFT adapter but the model is not a PeftModel")
+    if len(model.active_adapters) != 1:
+        raise CheckpointError(f"the model has {len(model.active_adapters)} active adapters; one is replaced at a time")
+    name = model.active_adapters[0]
+    spare = f"{name}_wavg_spare"
+    is_trainable, training = not model.peft_config[name].inference_mode, model.training
+    for old, new in ((name, spare), (spare, name)):
+        model.load_adapter(folder, adapter_name=new, is_trainable=is_trainable)
+        model.set_adapter(new, inference_mode=not is_trainable)
+        model.delete_adapter(old)
+    model.train(training)

@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +33,19 @@ from hf_wavg.averaging.posthoc_ema import PROFILE_GROUP, PostHocEMA, SynthesisPl
 from hf_wavg.posthoc.checkpoints import CheckpointError, CheckpointReader
 from hf_wavg.posthoc.merge import _copy_side_files, _output_name, _training_step
 from hf_wavg.posthoc.output import prepare_output_dir, staged_dir
+from hf_wavg.records import POSTHOC_EMA_FILE, STATE_FILE
+from hf_wavg.safety.catalog import greater_is_better as metric_direction
 
 logger = logging.getLogger(__name__)
 
-POSTHOC_EMA_FILE = "wavg_posthoc_ema.json"  # how the synthesis was made, beside its weights
 # The record fields that must agree between checkpoints for their profiles to combine.
 _SHARED_FIELDS = ("groups", "shapes", "settings")
 # A PEFT adapter saves its default adapter's tensors without the adapter name, and a module
 # it trains in full (modules_to_save) under the module's own name.
 _PEFT_ADAPTER_NAME = "default"
+# A fit error above which the synthesis is worth a warning: lengths well inside the stored
+# ones, with a few checkpoints, fit to about 1e-2.
+_POOR_FIT = 0.05
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ def _read_profiles(folder: str | os.PathLike[str]) -> ProfileCheckpoint:
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint folder")
     if not state_io.has_state(path):
-        raise CheckpointError(f"{path} holds no averager state ({state_io.META_FILE}): post-hoc EMA needs checkpoints "
+        raise CheckpointError(f"{path} holds no averager state ({STATE_FILE}): post-hoc EMA needs checkpoints "
                               f"of a run trained with WAvgConfig(method='{PostHocEMA.name}')")
     record = state_io.read_record(path)
     if record["method"] != PostHocEMA.name:
@@ -69,7 +74,7 @@ def _read_profiles(folder: str | os.PathLike[str]) -> ProfileCheckpoint:
     sigma_rels, gammas = record["strategy"].get("sigma_rels"), record["strategy"].get("gammas")
     sizes_match = isinstance(sigma_rels, list) and isinstance(gammas, list) and len(gammas) == len(sigma_rels) > 0
     if not sizes_match or record["groups"] != [f"{PROFILE_GROUP}{i}" for i in range(len(sigma_rels))]:
-        raise CheckpointError(f"{path / state_io.META_FILE} is damaged: its sigma_rels, gammas and profile groups "
+        raise CheckpointError(f"{path / STATE_FILE} is damaged: its sigma_rels, gammas and profile groups "
                               "do not match")
     return ProfileCheckpoint(path, record)
 
@@ -100,13 +105,29 @@ class ProfileCheckpoints:
         self.checkpoints = sorted((c for c in read if c.num_updates > 0), key=lambda c: c.num_updates)
         if not self.checkpoints:
             raise CheckpointError("none of the checkpoints holds a snapshot yet: nothing to synthesise from")
-        for earlier, later in zip(self.checkpoints, self.checkpoints[1:]):
+        for earlier, later in pairwise(self.checkpoints):
             if earlier.num_updates == later.num_updates:
                 raise CheckpointError(f"{earlier.path} and {later.path} both hold profiles of {later.num_updates} "
                                       "snapshots: pass each checkpoint once")
-        if any(c.record["num_skipped"] for c in self.checkpoints):
-            logger.warning("hf_wavg: non-finite snapshots were skipped in this run: the profiles count snapshots, "
-                           "so their spacing in steps is not quite even")
+        self._check_spacing()
+
+    def _check_spacing(self) -> None:
+        """Refuse checkpoints of two averages (one restarted on resume), and warn where the
+        snapshots were not equally spaced in steps: the profiles count snapshots, so they are
+        power functions of the training step only under equal spacing."""
+        steps = [c.record["last_update_step"] for c in self.checkpoints]
+        if None in steps:
+            return  # updated without step numbers: nothing to compare
+        if any(earlier >= later for earlier, later in pairwise(steps)):
+            raise CheckpointError(
+                f"ordered by the snapshots they hold ({[c.num_updates for c in self.checkpoints]}), the checkpoints' "
+                f"last update steps {steps} do not increase: the average was restarted between them "
+                "(restart_average_on_resume); pass the checkpoints of one average")
+        every = (self.last.record.get("settings") or {}).get("update_every")
+        first_steps = {step - (c.num_updates - 1) * every for step, c in zip(steps, self.checkpoints)} if every else set()
+        if len(first_steps) > 1 or any(c.record["num_skipped"] for c in self.checkpoints):
+            logger.warning("hf_wavg: some planned snapshots were skipped (non-finite weights or skipped optimizer "
+                           "steps), so the profiles are power functions of the snapshot count, not quite of the step")
 
     @property
     def last(self) -> ProfileCheckpoint:
@@ -160,7 +181,7 @@ class ProfileCheckpoints:
 
 
 def _saved_names(reader: CheckpointReader, shapes: dict[str, list[int]]) -> dict[str, str]:
-    """Averaged tensor name -> its name in the checkpoint's weight files, checked for shape."""
+    """Name in the checkpoint's weight files -> averaged tensor name, checked for shape."""
     names = {}
     for name, shape in shapes.items():
         saved = name
@@ -210,17 +231,19 @@ def posthoc_ema(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    description: dict[str, Any] | None = None,
 ) -> Path:
     """Write the post-hoc EMA of ``sigma_rel`` at the latest of ``checkpoints`` into
     ``output_dir``: that checkpoint's model (or adapter) folder with the averaged tensors
     replaced, its config and tokenizer, and ``wavg_posthoc_ema.json`` (the weights and the
-    fit's relative error). Loads with ``from_pretrained``."""
+    fit's relative error; ``description`` adds to it, e.g. the sweep that chose
+    ``sigma_rel``). Loads with ``from_pretrained``."""
     states = ProfileCheckpoints(checkpoints)
     plan = states.plan(sigma_rel)
     reader = CheckpointReader(states.last.path)
     saved_to_averaged = _saved_names(reader, states.shapes)
     output = prepare_output_dir(output_dir, overwrite, [Path(c) for c in checkpoints], record=POSTHOC_EMA_FILE)
-    if plan.relative_error > 0.05:
+    if plan.relative_error > _POOR_FIT:
         logger.warning("hf_wavg: the stored profiles fit sigma_rel=%g only to a relative error of %.3f",
                        sigma_rel, plan.relative_error)
     with staged_dir(output) as staging, states.synthesized(plan) as synthesized:
@@ -228,7 +251,8 @@ def posthoc_ema(
                        lambda name: synthesized(saved_to_averaged[name]) if name in saved_to_averaged else None,
                        progress)
         _copy_side_files(reader, staging)
-        record = {**states.describe(plan), "kind": reader.kind, "training_step": _training_step(reader)}
+        record = {**states.describe(plan), "kind": reader.kind, "training_step": _training_step(reader),
+                  **(description or {})}
         (staging / POSTHOC_EMA_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
     return output
 
@@ -275,8 +299,6 @@ class PosthocEMAResult:
     def best(self, metric: str, greater_is_better: bool | None = None) -> float:
         """The sigma_rel with the best ``metric`` (the first given on a tie)."""
         if greater_is_better is None:
-            from hf_wavg.posthoc.evaluation import greater_is_better as metric_direction  # loads transformers
-
             greater_is_better = metric_direction(metric)
         sign = 1.0 if greater_is_better else -1.0
         scored = [(sign * m[metric], s) for s, m in zip(self.sigma_rels, self.metrics)

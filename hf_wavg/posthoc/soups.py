@@ -15,18 +15,28 @@ from tqdm.auto import tqdm
 
 from hf_wavg.model_card import soup_trials_table
 from hf_wavg.posthoc.checkpoints import CheckpointReader
-from hf_wavg.posthoc.constants import MERGE_FILE
 from hf_wavg.posthoc.evaluation import greater_is_better as metric_greater_is_better
+from hf_wavg.posthoc.lora_update import LoraMode, resolve_lora_mode
 from hf_wavg.posthoc.merge import Checkpoint, average_checkpoints, open_checkpoints
 from hf_wavg.posthoc.model_weights import load_average_into
 from hf_wavg.posthoc.output import prepare_output_dir
+from hf_wavg.records import MERGE_FILE
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
 
 
-def uniform_soup(checkpoints: Sequence[Checkpoint], output_dir: str | os.PathLike[str], **kwargs: Any) -> Path:
-    """The mean of all ``checkpoints``, written to ``output_dir`` (see :func:`average_checkpoints`)."""
-    return average_checkpoints(checkpoints, output_dir, description={"soup": "uniform"}, **kwargs)
+def uniform_soup(
+    checkpoints: Sequence[Checkpoint],
+    output_dir: str | os.PathLike[str],
+    *,
+    lora_mode: LoraMode = "auto",
+    lora_rank: int | None = None,
+    **kwargs: Any,
+) -> Path:
+    """The mean of all ``checkpoints``, written to ``output_dir`` (see :func:`average_checkpoints`,
+    also for how LoRA adapters are combined)."""
+    return average_checkpoints(checkpoints, output_dir, description={"soup": "uniform"}, lora_mode=lora_mode,
+                               lora_rank=lora_rank, **kwargs)
 
 
 @dataclass
@@ -67,6 +77,8 @@ def greedy_soup(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    lora_mode: LoraMode = "auto",
+    lora_rank: int | None = None,
 ) -> SoupResult:
     """Build a greedy soup of ``checkpoints``.
 
@@ -79,15 +91,23 @@ def greedy_soup(
         metric: the key of the evaluator's result that decides; ``greater_is_better``
             defaults to what the name says (lower for ECE, flip rates, gaps, losses).
         output_dir: also write the soup there, averaged from disk like :func:`uniform_soup`.
+        lora_mode, lora_rank: how LoRA adapters are combined (see :func:`average_checkpoints`).
+            ``"auto"`` is resolved once, over all ``checkpoints``, and every candidate soup is
+            combined that way. With ``"exact"`` or ``"svd"`` each candidate is written to a
+            temporary folder, exactly as the soup would be written, and loaded with PEFT in place
+            of the model's adapter, whose rank it changes (see :func:`load_average_into`): what
+            is scored is the adapter that would be saved.
     """
-    readers = open_checkpoints(checkpoints)
+    readers = open_checkpoints(checkpoints, lora_mode)
+    choice = resolve_lora_mode(readers, lora_mode, lora_rank)
+    mode = choice if choice is not None else lora_mode
     if output_dir is not None:
         # Fail before the evaluations, not after.
         prepare_output_dir(output_dir, overwrite, [reader.path for reader in readers], record=MERGE_FILE)
     higher_better = metric_greater_is_better(metric) if greater_is_better is None else greater_is_better
 
     def score(members: list[CheckpointReader]) -> dict[str, float]:
-        load_average_into(model, members)
+        load_average_into(model, members, lora_mode=mode, lora_rank=lora_rank)
         metrics = evaluator(model)
         if metric not in metrics:
             raise KeyError(f"the evaluator returned no {metric!r}; it returned {sorted(metrics)}")
@@ -108,10 +128,11 @@ def greedy_soup(
         if kept:
             soup.append(candidate)
             best = value
-    load_average_into(model, soup)
+    load_average_into(model, soup, lora_mode=mode, lora_rank=lora_rank)
     result = SoupResult(metric, higher_better, [str(r.path) for r in soup], best, individual, trials)
     if output_dir is not None:
         result.output_dir = average_checkpoints(
-            soup, output_dir, overwrite=overwrite, progress=progress, description=result.to_dict()
+            soup, output_dir, overwrite=overwrite, progress=progress, description=result.to_dict(), lora_mode=mode,
+            lora_rank=lora_rank,
         )
     return result

@@ -22,10 +22,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hf_wavg.model_card import wise_ft_table
-from hf_wavg.posthoc.constants import DEFAULT_ALPHAS, WISE_FT_FILE
+from hf_wavg.posthoc.constants import DEFAULT_ALPHAS
 from hf_wavg.posthoc.evaluation import greater_is_better as metric_greater_is_better
 from hf_wavg.posthoc.model_weights import is_peft_model
 from hf_wavg.posthoc.output import staged_dir
+from hf_wavg.records import WISE_FT_FILE
 
 _LORA_UPDATE_FACTORS = ("lora_B", "lora_embedding_B")
 

@@ -8,8 +8,8 @@ queries. One instance belongs to one set of weights: build a new one after swapp
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -2,10 +2,10 @@
 
 import datasets
 
-from hf_wavg.safety.measures import likelihood_gap
 # The base class is reached through its module: evaluate loads the first metric class
 # it finds in this module's namespace, which must be the one defined here.
 from hf_wavg.safety import metric_base
+from hf_wavg.safety.measures import likelihood_gap
 
 
 class LikelihoodGap(metric_base.SafetyMetric):
