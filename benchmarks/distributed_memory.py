@@ -81,7 +81,7 @@ def build(layout: str, size_mib: int, device: torch.device) -> tuple[nn.Module, 
         for layer in model.layers:
             fully_shard(layer)
         fully_shard(model)
-    averager = WeightAverager(model, EMA(), parameters="all", shard_replicas=layout == "sharded")
+    averager = WeightAverager(model, EMA(), parameters="all", shard_average=layout == "sharded")
     return model, averager
 
 

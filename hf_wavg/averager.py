@@ -31,7 +31,7 @@ class WeightAverager:
         parameters, name_regex, buffers: which tensors; see :func:`hf_wavg.params.select_tensors`.
         skip_non_finite: check each snapshot and skip it (counted, warned once) when it holds
             a NaN or an infinity, instead of poisoning the average for good.
-        shard_replicas: the model is replicated across the default process group (data
+        shard_average: the model is replicated across the default process group (data
             parallel): each process keeps the average of its 1/world_size slice of every
             tensor, and the slices are all-gathered when the average is swapped in. Every
             process must then call :meth:`update`, :meth:`swapped_in`, :meth:`copy_to_model`,
@@ -50,13 +50,13 @@ class WeightAverager:
         name_regex: str | None = None,
         buffers: BufferMode = "copy",
         skip_non_finite: bool = True,
-        shard_replicas: bool = False,
+        shard_average: bool = False,
         settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.strategy = strategy
         self.settings: dict[str, Any] = {**strategy.describe(), **(settings or {})}
-        self.selection: TensorSelection = select_tensors(model, parameters, name_regex, buffers, shard_replicas)
+        self.selection: TensorSelection = select_tensors(model, parameters, name_regex, buffers, shard_average)
         self.skip_non_finite = skip_non_finite
         self.num_skipped = 0
         self.last_update_step: int | None = None

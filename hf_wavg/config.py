@@ -253,6 +253,6 @@ class WAvgConfig:
             name_regex=self.average_name_regex,
             buffers=self.average_buffers,
             skip_non_finite=self.skip_non_finite,
-            shard_replicas=data_parallel and self.shard_average,
+            shard_average=data_parallel and self.shard_average,
             settings={"update_every": self.update_every},
         )

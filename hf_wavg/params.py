@@ -81,7 +81,7 @@ def select_tensors(
     parameters: ParameterScope = "trainable",
     name_regex: str | None = None,
     buffers: BufferMode = "copy",
-    shard_replicas: bool = False,
+    shard_average: bool = False,
 ) -> TensorSelection:
     """Choose the tensors to average.
 
@@ -91,7 +91,7 @@ def select_tensors(
         name_regex: keep only names matching this regular expression (``re.search``).
         buffers: ``"copy"`` leaves buffers to the live model; ``"average"`` also averages
             float persistent buffers (e.g. BatchNorm running statistics).
-        shard_replicas: the weights are replicated across the processes of the default
+        shard_average: the weights are replicated across the processes of the default
             process group (data parallel): each process averages only its slice of each.
     """
     pattern = re.compile(name_regex) if name_regex else None
@@ -101,7 +101,7 @@ def select_tensors(
     def keep(name: str) -> None:
         if pattern is None or pattern.search(clean_name(name)):
             module_name, _, attr = name.rpartition(".")
-            tracked.append(locate(name, model.get_submodule(module_name), attr, shard_replicas, fsdp1))
+            tracked.append(locate(name, model.get_submodule(module_name), attr, shard_average, fsdp1))
 
     for name, param in model.named_parameters():
         if parameters == "all" or param.requires_grad:

@@ -160,7 +160,7 @@ def fsdp1_pieces(model: nn.Module) -> dict[int, Piece]:
 
 
 def locate(
-    name: str, module: nn.Module, attr: str, shard_replicas: bool, fsdp1: dict[int, Piece]
+    name: str, module: nn.Module, attr: str, shard_average: bool, fsdp1: dict[int, Piece]
 ) -> TrackedTensor:
     """Track ``module.<attr>`` (called ``name``): find its placement and local piece."""
     tensor = getattr(module, attr)
@@ -173,7 +173,7 @@ def locate(
         return TrackedTensor(clean, module, attr, Placement.FSDP1, fsdp1[id(tensor)])
     shape = tuple(tensor.shape)
     rank, world = distributed_world()
-    if shard_replicas and world > 1:
+    if shard_average and world > 1:
         if not tensor.is_contiguous():
             raise UnsupportedLayoutError(f"{name!r} is not contiguous, so it cannot be sharded in place")
         start, stop = even_slice(tensor.numel(), rank, world)

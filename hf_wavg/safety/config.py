@@ -82,23 +82,25 @@ class SafetyConfig:
         for name in self.perturbations:
             if name not in PERTURBATIONS:
                 raise ValueError(f"SafetyConfig.safety_perturbations: unknown {name!r}; known: {', '.join(PERTURBATIONS)}")
+        # (the value is allowed, what is allowed): an error names the field, the range and the value.
         checks = {
-            "safety_max_template_sets": self.safety_max_template_sets is None or self.safety_max_template_sets >= 0,
-            "safety_max_examples": self.safety_max_examples >= 0,
-            "safety_attack_examples": self.safety_attack_examples >= 0,
-            "safety_perturbations_per_example": self.safety_perturbations_per_example >= 1,
-            "safety_query_budget": self.safety_query_budget >= 1,
-            "safety_max_length": self.safety_max_length >= 1,
-            "safety_batch_size": self.safety_batch_size >= 1,
-            "safety_n_resamples": self.safety_n_resamples >= 0,
-            "safety_every_updates": self.safety_every_updates >= 0,
-            "safety_logit_pairing_weight": self.safety_logit_pairing_weight >= 0,
-            "safety_perturbation_rate": 0 < self.safety_perturbation_rate <= 1,
-            "safety_confidence_level": 0 < self.safety_confidence_level < 1,
+            "safety_max_template_sets": (self.safety_max_template_sets is None or self.safety_max_template_sets >= 0,
+                                         "an integer >= 0 or None"),
+            "safety_max_examples": (self.safety_max_examples >= 0, "an integer >= 0"),
+            "safety_attack_examples": (self.safety_attack_examples >= 0, "an integer >= 0"),
+            "safety_perturbations_per_example": (self.safety_perturbations_per_example >= 1, "an integer >= 1"),
+            "safety_query_budget": (self.safety_query_budget >= 1, "an integer >= 1"),
+            "safety_max_length": (self.safety_max_length >= 1, "an integer >= 1"),
+            "safety_batch_size": (self.safety_batch_size >= 1, "an integer >= 1"),
+            "safety_n_resamples": (self.safety_n_resamples >= 0, "an integer >= 0"),
+            "safety_every_updates": (self.safety_every_updates >= 0, "an integer >= 0"),
+            "safety_logit_pairing_weight": (self.safety_logit_pairing_weight >= 0, ">= 0"),
+            "safety_perturbation_rate": (0 < self.safety_perturbation_rate <= 1, "in (0, 1]"),
+            "safety_confidence_level": (0 < self.safety_confidence_level < 1, "in the open interval (0, 1)"),
         }
-        for name, ok in checks.items():
+        for name, (ok, allowed) in checks.items():
             if not ok:
-                raise ValueError(f"SafetyConfig.{name} is out of range; got {getattr(self, name)!r}")
+                raise ValueError(f"SafetyConfig.{name} must be {allowed}; got {getattr(self, name)!r}")
 
     @property
     def languages(self) -> tuple[str, ...]:

@@ -134,7 +134,10 @@ class SafetySuite:
 
     # -- pieces --------------------------------------------------------------------------------
 
-    def _sample(self, texts, labels, groups, result: SafetyResult):
+    def _sample(
+        self, texts: Sequence[str] | None, labels: Sequence[int | None] | None, groups: Sequence[str] | None,
+        result: SafetyResult,
+    ) -> tuple[list[str], list[int] | None, list[str] | None]:
         if texts is None:
             result.note("no evaluation texts: only template counterfactuals are measured")
             return [], None, None
@@ -205,7 +208,7 @@ class SafetySuite:
                 sets += text_counterfactuals(text, language, self.config.families, None, index)
         return sets
 
-    def _counterfactual(self, classifier, texts: list[str], result: SafetyResult) -> None:
+    def _counterfactual(self, classifier: CachedClassifier, texts: list[str], result: SafetyResult) -> None:
         text_sets = self.text_sets(texts)
         with_terms = len({s.text_index for s in text_sets})
         result.metrics["counterfactual/texts_with_identity_terms"] = float(with_terms)
@@ -241,7 +244,10 @@ class SafetySuite:
                                {"flip_rate": outcomes.flip, "mean_abs_score_change": outcomes.change}, binary=["flip_rate"])
             result.units["counterfactual"] = replace(units, layout=outcomes.layout, deviations=outcomes.score_deviation)
 
-    def _data_group_gaps(self, classifier, texts, labels, groups, result: SafetyResult) -> None:
+    def _data_group_gaps(
+        self, classifier: CachedClassifier, texts: list[str], labels: list[int] | None,
+        groups: list[str] | None, result: SafetyResult,
+    ) -> None:
         if groups is None:
             return
         if labels is None:
@@ -255,7 +261,9 @@ class SafetySuite:
         )
         result.add("group_gaps/data", values)
 
-    def _perturbation(self, classifier, texts: list[str], labels, result: SafetyResult) -> None:
+    def _perturbation(
+        self, classifier: CachedClassifier, texts: list[str], labels: list[int] | None, result: SafetyResult,
+    ) -> None:
         _, original = self._scores(classifier, texts)
         families = self.config.perturbations
         per_text = min(self.config.safety_perturbations_per_example, len(families))
@@ -291,7 +299,7 @@ class SafetySuite:
             outcomes["accuracy"] = predictions == np.asarray(references)
         result.units["perturbation"] = mean_table([(texts[i], noisy) for i, _, noisy in rows], outcomes, binary=outcomes)
 
-    def _attack(self, classifier, texts: list[str], labels: list[int], result: SafetyResult) -> None:
+    def _attack(self, classifier: CachedClassifier, texts: list[str], labels: list[int], result: SafetyResult) -> None:
         count = self.config.safety_attack_examples
         if count == 0:
             return
@@ -313,7 +321,9 @@ class SafetySuite:
             binary=("attack_success_rate", "accuracy_under_attack"), subsets={"attack_success_rate": correct},
         )
 
-    def _calibration(self, classifier, texts: list[str], labels: list[int], result: SafetyResult) -> None:
+    def _calibration(
+        self, classifier: CachedClassifier, texts: list[str], labels: list[int], result: SafetyResult,
+    ) -> None:
         probs = classifier.predict_proba(texts)
         if probs.shape[1] <= max(labels):
             result.note(f"labels reach {max(labels)} but the model has {probs.shape[1]} classes: calibration skipped")

@@ -1,0 +1,39 @@
+"""SafetyConfig refuses a bad value by naming the field, what it allows, and the value."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from hf_wavg.safety import SafetyConfig
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"),
+    [
+        ("safety_max_examples", -1, "an integer >= 0"),
+        ("safety_query_budget", 0, "an integer >= 1"),
+        ("safety_max_template_sets", -2, "an integer >= 0 or None"),
+        ("safety_logit_pairing_weight", -0.5, ">= 0"),
+        ("safety_perturbation_rate", 1.5, "in (0, 1]"),
+        ("safety_confidence_level", 1.0, "in the open interval (0, 1)"),
+    ],
+)
+def test_a_value_out_of_range_names_the_field_and_the_allowed_range(name, value, allowed):
+    with pytest.raises(ValueError, match=re.escape(f"SafetyConfig.{name} must be {allowed}; got {value!r}")):
+        SafetyConfig(**{name: value})
+    SafetyConfig(**{name: SafetyConfig.__dataclass_fields__[name].default})  # the default is allowed
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("safety_languages", ["xx"], "no lexicon for 'xx'; available: "),
+        ("safety_families", ["planets"], "unknown family 'planets'; known: "),
+        ("safety_perturbations", ["shout"], "unknown 'shout'; known: "),
+    ],
+)
+def test_an_unknown_choice_lists_the_known_ones(name, value, message):
+    with pytest.raises(ValueError, match=re.escape(f"SafetyConfig.{name}: {message}")):
+        SafetyConfig(**{name: value})
