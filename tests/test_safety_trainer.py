@@ -10,36 +10,25 @@ import random
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
-    Trainer,
     TrainerCallback,
 )
 
-from hf_wavg import WAvgCallback, WAvgConfig
-from hf_wavg.demo.sample_data import LABEL_NAMES, sample_rows
+from hf_wavg import WAvgConfig
+from hf_wavg.demo.sample_data import sample_rows
 from hf_wavg.records import SAFETY_PLOT_FILE as PLOT_FILE
 from hf_wavg.records import SAFETY_REPORT_FILE as REPORT_FILE
 from hf_wavg.safety import SafetyConfig, SafetySuite
 from hf_wavg.safety.classifiers import sequence_log_likelihoods
-from tests.trainer_helpers import local_tokenizer, make_trainer, raw_state
+from tests.trainer_helpers import SMALL_SAFETY as SMALL
+from tests.trainer_helpers import local_tokenizer, make_trainer, raw_state, safety_texts
 
 pytestmark = pytest.mark.slow
-
-SMALL = dict(safety_languages=["en", "hi"], safety_max_template_sets=12, safety_max_examples=12,
-             safety_attack_examples=3, safety_query_budget=8, safety_n_resamples=50)
-
-
-def safety_texts() -> Dataset:
-    rows = sample_rows(per_language=8, seed=5)
-    rows[0] = {**rows[0], "text": "She said the hotel was wonderful."}
-    return Dataset.from_list([{"text": r["text"], "label": LABEL_NAMES.index(r["label"])} for r in rows])
-
 
 class LogRecorder(TrainerCallback):
     def __init__(self) -> None:
@@ -105,16 +94,6 @@ def test_trainer_logs_safety_for_raw_and_average_and_writes_report_plot_and_card
     assert f"| Counterfactual flip rate | {latest['counterfactual/flip_rate']:.3f}" in card
     delta = report["history"][-1]["metrics"]["delta/calibration/brier"]
     assert f"| {delta:+.3f} [" in card
-
-
-def test_bare_callback_on_a_plain_trainer_adds_safety_to_evaluate(tmp_path, minilm_path):
-    callback = WAvgCallback(WAvgConfig(), safety_config=SafetyConfig(**SMALL), safety_dataset=safety_texts())
-    trainer = make_trainer(minilm_path, tmp_path / "run", trainer_cls=Trainer, callbacks=[callback], max_steps=4)
-    trainer.train()
-    metrics = trainer.evaluate()
-    assert "safety/average/counterfactual/flip_rate" in metrics
-    assert any("safety/average/calibration/brier" in log for log in trainer.state.log_history)
-    assert (tmp_path / "run" / REPORT_FILE).is_file()
 
 
 def test_logit_pairing_penalty_matches_a_hand_built_counterfactual(tmp_path, minilm_path):

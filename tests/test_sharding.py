@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from hf_wavg import SWA, AveragerStateError, WeightAverager, sharding
+from hf_wavg import SWA, AveragerStateError, WAvgConfig, WeightAverager, sharding
+from hf_wavg.averaging.methods import METHODS
 from hf_wavg.sharding import Piece, Placement, clean_name, even_slice
 
 
@@ -69,3 +70,21 @@ def test_zero3_partition_is_averaged_in_place_and_refused_where_the_state_lacks_
     same_partition = WeightAverager(zero3_linear(rank=1, world=2), SWA(), parameters="all")
     same_partition.load(tmp_path)
     assert torch.equal(same_partition.strategy.average()[0], averager.strategy.average()[0])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_averages_slices_as_it_averages_the_whole(method):
+    # Sharded replicas give each rank a slice of every tensor: for every registered method the
+    # slices' averages, put together, are the whole tensor's average, bit for bit.
+    config = WAvgConfig(method=method, ema_decay=0.9 if method == "ema" else None).resolved(100)
+    generator = torch.Generator().manual_seed(0)
+    snapshots = [torch.randn(10, generator=generator) for _ in range(6)]
+    whole, halves = config.build_strategy(), [config.build_strategy() for _ in range(2)]
+    whole.initialize([snapshots[0]])
+    for half, piece in zip(halves, snapshots[0].split(5)):
+        half.initialize([piece])
+    for snapshot in snapshots:
+        whole.update([snapshot])
+        for half, piece in zip(halves, snapshot.split(5)):
+            half.update([piece])
+    assert torch.equal(torch.cat([half.average()[0] for half in halves]), whole.average()[0])

@@ -9,9 +9,8 @@ import logging
 
 import pytest
 import torch
-from transformers import Trainer
 
-from hf_wavg import AveragerStateError, WAvgCallback, WAvgConfig
+from hf_wavg import WAvgConfig
 from hf_wavg.records import AVERAGING_FILE
 from hf_wavg.state_io import load_state
 from tests.trainer_helpers import averaged_named, make_trainer
@@ -35,27 +34,6 @@ def test_a_second_train_call_saves_its_own_average(minilm_path, tmp_path):
     trainer.train()
     assert any(not torch.equal(first[n], v) for n, v in averaged_named(trainer.averager).items())
     assert_state_holds(tmp_path / "run" / "checkpoint-4", trainer.averager)
-
-
-def test_the_bare_callback_refuses_to_guess_the_checkpoint_it_resumes_from(minilm_path, tmp_path):
-    config = WAvgConfig(ema_decay=0.9)
-    make_trainer(minilm_path, tmp_path / "a", config, **CHECKPOINTS).train()
-    other = make_trainer(minilm_path, tmp_path / "b", config, learning_rate=1e-3, **CHECKPOINTS)
-    other.train()  # another run's checkpoint-4 in the output folder
-    resume = str(tmp_path / "a" / "checkpoint-4")
-
-    plain = make_trainer(minilm_path, tmp_path / "b", trainer_cls=Trainer, callbacks=[WAvgCallback(config)],
-                         **CHECKPOINTS)
-    with pytest.raises(AveragerStateError, match="but not from .*b/checkpoint-4.*resume_from_checkpoint="):
-        plain.train(resume_from_checkpoint=resume)
-
-    told = WAvgCallback(config, resume_from_checkpoint=resume)
-    plain = make_trainer(minilm_path, tmp_path / "c", trainer_cls=Trainer, callbacks=[told], **CHECKPOINTS)
-    plain.train(resume_from_checkpoint=resume)
-    reference = make_trainer(minilm_path, tmp_path / "d", config, **CHECKPOINTS)
-    reference.train(resume_from_checkpoint=resume)
-    for name, value in averaged_named(reference.averager).items():
-        assert torch.equal(averaged_named(told.averager)[name], value), name
 
 
 def test_a_run_with_no_average_says_so_everywhere_and_never_saves_non_finite_weights(minilm_path, tmp_path, caplog):

@@ -121,3 +121,15 @@ def local_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     tokenizer.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
                                    bos_token="<s>", eos_token="</s>")
+
+
+# A safety suite small enough for a test's training run.
+SMALL_SAFETY = dict(safety_languages=["en", "hi"], safety_max_template_sets=12, safety_max_examples=12,
+                    safety_attack_examples=3, safety_query_budget=8, safety_n_resamples=50)
+
+
+def safety_texts() -> Dataset:
+    """Labelled English and Hindi texts, one with an identity term the lexicon swaps."""
+    rows = sample_rows(per_language=8, seed=5)
+    rows[0] = {**rows[0], "text": "She said the hotel was wonderful."}
+    return Dataset.from_list([{"text": r["text"], "label": LABEL_NAMES.index(r["label"])} for r in rows])

@@ -36,8 +36,27 @@ DIRECTIONS: dict[str, bool | None] = {
     "brier": False,
     "ece": False,
     "ece_squared_debiased": False,
-    # bookkeeping
+    # per-group and signed values: compared through the gaps above, not better or worse alone
+    "effect": None,
+    "tpr": None,
+    "fpr": None,
+    # bookkeeping: sizes, counts and costs of the measurement
+    "applicable": None,
+    "ece_bins": None,
+    "examples": None,
+    "mean_edited_words": None,
+    "mean_queries": None,
+    "model_queries": None,
+    "num_applicable": None,
+    "num_attacked": None,
+    "num_examples": None,
+    "num_flips": None,
+    "num_groups": None,
+    "num_sets": None,
+    "num_skipped": None,
+    "num_successes": None,
     "seconds": None,
+    "texts_with_identity_terms": None,
     "truncated_texts": None,
 }
 # Task metrics named by evaluate or compute_metrics that are errors rather than scores.

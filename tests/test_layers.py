@@ -1,0 +1,79 @@
+"""The package's layers hold: each module imports only its own layer and the ones inside it
+(the README's architecture section lists them), and ``safety/`` imports nothing else of hf_wavg."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hf_wavg"
+# Inside out; a module's layer is that of its longest listed prefix.
+LAYERS = (
+    ("hf_wavg._lazy", "hf_wavg.records"),
+    ("hf_wavg.averaging",),
+    ("hf_wavg.params", "hf_wavg.sharding"),
+    ("hf_wavg.state_io", "hf_wavg.averager"),
+    ("hf_wavg.safety", "hf_wavg.task_metrics"),
+    ("hf_wavg.config",),
+    ("hf_wavg.model_card", "hf_wavg.safety_monitor", "hf_wavg.batchnorm", "hf_wavg.teardown", "hf_wavg.callback",
+     "hf_wavg.trainer"),
+    ("hf_wavg.posthoc",),
+    ("hf_wavg.hub", "hf_wavg.data", "hf_wavg.demo"),
+    ("hf_wavg.cli",),
+)
+
+
+def layer_of(module: str) -> int:
+    matches = [(len(prefix), rank) for rank, prefixes in enumerate(LAYERS) for prefix in prefixes
+               if module == prefix or module.startswith(prefix + ".")]
+    assert matches, f"{module} is in no layer: add it to LAYERS and to the README's architecture"
+    return max(matches)[1]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """The hf_wavg modules ``path`` imports when it runs (at the top or inside a function);
+    imports under ``if TYPE_CHECKING:`` are for type checkers only and are left out."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    type_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                 and "TYPE_CHECKING" in ast.unparse(block.test) for node in ast.walk(block)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.startswith("hf_wavg.")}
+
+
+def modules() -> list[tuple[str, Path]]:
+    return [(module_name(path), path) for path in sorted(PACKAGE.rglob("*.py"))
+            if module_name(path) != "hf_wavg"]
+
+
+def test_every_module_imports_only_its_layer_and_those_inside_it():
+    upward = [f"{name} (layer {layer_of(name)}) imports {imported} (layer {layer_of(imported)})"
+              for name, path in modules() for imported in runtime_imports(path)
+              if layer_of(imported) > layer_of(name)]
+    assert not upward, "\n".join(upward)
+
+
+def test_safety_is_a_leaf():
+    reaching_out = [f"{name} imports {imported}" for name, path in modules() if name.startswith("hf_wavg.safety.")
+                    or name == "hf_wavg.safety" for imported in runtime_imports(path)
+                    if not imported.startswith("hf_wavg.safety") and imported != "hf_wavg._lazy"]
+    assert not reaching_out, "\n".join(reaching_out)
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    # The test above can fail: an upward import inside a function is found.
+    module = tmp_path / "state_io.py"
+    module.write_text("def f():\n    from hf_wavg.trainer import WAvgTrainer\n", encoding="utf-8")
+    assert runtime_imports(module) == {"hf_wavg.trainer"}
+    assert layer_of("hf_wavg.trainer") > layer_of("hf_wavg.state_io")

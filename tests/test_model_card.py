@@ -1,0 +1,67 @@
+"""The model card, rendered from the records beside the weights: each record becomes its
+section, in one order, with the numbers of the record."""
+
+from __future__ import annotations
+
+import json
+
+from hf_wavg.averaging.methods import METHODS
+from hf_wavg.model_card import (
+    averaging_card_section,
+    card_sections,
+    format_table,
+    has_averaging_record,
+    merge_card_section,
+)
+from hf_wavg.records import AVERAGING_FILE, MERGE_FILE, POSTHOC_EMA_FILE, SAFETY_REPORT_FILE
+
+SOURCES = [{"path": "run/checkpoint-4", "step": 4, "weight": 0.5}, {"path": "run/checkpoint-8", "step": 8, "weight": 0.5}]
+
+
+def write(folder, name, record):
+    (folder / name).write_text(json.dumps(record), encoding="utf-8")
+
+
+def safety_history():
+    def flip_rate(value, low, high, prefix=""):
+        key = f"{prefix}counterfactual/flip_rate"
+        return {key: value, f"{key}_ci_low": low, f"{key}_ci_high": high}
+
+    return [
+        {"step": 8, "weights": "raw", "metrics": flip_rate(0.25, 0.125, 0.375), "notes": []},
+        {"step": 8, "weights": "average", "metrics": flip_rate(0.1, 0.05, 0.2), "notes": ["no labels"]},
+        {"step": 8, "weights": "delta", "metrics": flip_rate(-0.15, -0.25, -0.05, "delta/"), "notes": []},
+    ]
+
+
+def test_every_record_becomes_its_section_in_the_card_order(tmp_path):
+    write(tmp_path, SAFETY_REPORT_FILE, {"config": {"safety_languages": ["en"]}, "history": safety_history()})
+    assert card_sections(tmp_path).startswith("## Safety evaluation") and not has_averaging_record(tmp_path)
+    write(tmp_path, POSTHOC_EMA_FILE, {"sigma_rel": 0.08, "relative_error": 1e-3, "num_updates": 40,
+                                       "checkpoints": SOURCES})
+    write(tmp_path, MERGE_FILE, {"method": "uniform", "kind": "model", "checkpoints": SOURCES})
+    write(tmp_path, AVERAGING_FILE, {"averager": {"method": "swa", "num_updates": 3}, "config": {}})
+    card = card_sections(tmp_path)
+    headings = [line for line in card.splitlines() if line.startswith("## ")]
+    assert headings == ["## Weight averaging (hf_wavg)", "## Checkpoint averaging (hf_wavg)", "## Post-hoc EMA (hf_wavg)",
+                        "## Safety evaluation"]
+    assert has_averaging_record(tmp_path) and "sigma_rel = 0.08" in card and "1.00e-03" in card
+
+
+def test_the_safety_table_shows_each_value_with_its_interval_and_the_paired_difference():
+    table = format_table(safety_history(), 0.95, "title")
+    row = next(line for line in table.splitlines() if line.startswith("| Counterfactual flip rate"))
+    assert row == "| Counterfactual flip rate | 0.100 [0.050, 0.200] | 0.250 [0.125, 0.375] | -0.150 [-0.250, -0.050] |"
+    assert "average − raw (95% paired interval)" in table
+
+
+def test_the_settings_follow_the_registry_and_an_svd_merge_states_its_error():
+    averager = {"method": "bema", "lag": 10.0, "ema_power": 0.5, "bias_power": 0.2, "multiplier": 1.0,
+                "min_ema_multiplier": 0.0, "num_updates": 7}
+    lines = averaging_card_section({"averager": averager, "config": {}}).splitlines()
+    shown = [line.split(" | ")[0].removeprefix("| ") for line in lines if line.startswith("| ") and "---" not in line]
+    assert shown == ["setting", "method", *METHODS["bema"].card_keys, "num_updates"]
+    lora = {"mode": "svd", "rank": 4, "reason": "asked", "max_relative_error": 0.0123, "relative_error": {}}
+    section = merge_card_section({"method": "uniform", "kind": "adapter", "checkpoints": SOURCES, "lora": lora})
+    assert "truncated by SVD" in section and "SVD rank 4: largest relative Frobenius error of a layer's update 0.0123" \
+        in section
