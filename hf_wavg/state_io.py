@@ -204,8 +204,18 @@ class RangeReader:
     def __init__(self, directory: str | os.PathLike[str], record: dict[str, Any], stack: ExitStack) -> None:
         self.directory = Path(directory)
         self.files: list[dict[str, Any]] = record["files"]
-        self._stack = stack
+        self._open_files = ExitStack()
+        stack.callback(self.release)
         self._handles: dict[str, Any] = {}
+        self._verified: set[str] = set()  # files whose SHA-256 was checked: reopened without hashing again
+
+    def release(self) -> None:
+        """Close the files read so far. Their pages are memory-mapped and count as resident
+        until closed: a caller that reads one tensor at a time from many states (post-hoc EMA)
+        releases after each tensor. Later reads reopen the files."""
+        self._open_files.close()
+        self._open_files = ExitStack()
+        self._handles.clear()
 
     def _open(self, entry: dict[str, Any]) -> Any:
         name = entry["file"]
@@ -224,15 +234,16 @@ class RangeReader:
                     "truncated or replaced"
                 )
             try:
-                digest = file_sha256(path)
-                handle = self._stack.enter_context(safe_open(path, framework="pt"))
+                digest = None if name in self._verified else file_sha256(path)
+                handle = self._open_files.enter_context(safe_open(path, framework="pt"))
             except (SafetensorError, OSError) as error:
                 raise AveragerStateError(f"cannot read {path}: {error}") from error
-            if entry.get("sha256", digest) != digest:
+            if digest is not None and entry.get("sha256", digest) != digest:
                 raise AveragerStateError(
                     f"{path} does not match the SHA-256 that {STATE_FILE} recorded: its bytes were corrupted or "
                     "replaced since the save"
                 )
+            self._verified.add(name)
             self._handles[name] = handle
         return self._handles[name]
 

@@ -156,9 +156,13 @@ class ProfileCheckpoints:
             def tensor(name: str) -> Tensor:
                 shape = self.shapes[name]
                 numel = math.prod(shape)
-                parts = (readers[i].read(state_io.tensor_key(f"{PROFILE_GROUP}{j}", name), name, 0, numel)
-                         for i, j, _ in terms)
-                return weighted_sum((w for _, _, w in terms), parts).view(shape)
+
+                def part(i: int, j: int) -> Tensor:
+                    stored = readers[i].read(state_io.tensor_key(f"{PROFILE_GROUP}{j}", name), name, 0, numel)
+                    readers[i].release()  # unmap what was read: resident memory stays one stored tensor's worth
+                    return stored
+
+                return weighted_sum((w for _, _, w in terms), (part(i, j) for i, j, _ in terms)).view(shape)
 
             yield tensor
 
