@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,16 @@ def test_posthoc_average_smoke(tmp_path):
     out = run("posthoc_average.py", "--mib", "4", "--checkpoints", "2", "--output-dir", str(tmp_path))
     assert "| hf-wavg average (CLI) |" in out and "| load all, torch.stack().mean(0) |" in out
     assert (tmp_path / "posthoc_average-4mib.json").is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+def test_posthoc_methods_smoke(tmp_path):
+    out = run("posthoc_methods.py", "--smoke", "--output-dir", str(tmp_path))
+    assert "| model_stock, the same checkpoints + the pre-trained model |" in out and '| lora_mode="svd"' in out
+    variants = json.loads((tmp_path / "posthoc_methods-4mib.json").read_text())["variants"]
+    assert set(variants) == {"average", "model_stock", "average_ema_run", "posthoc_ema", "factors", "exact", "svd",
+                             "import_peft"}
+    assert all(result["seconds"] > 0 for result in variants.values())
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
