@@ -13,7 +13,7 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from transformers import AutoModelForSequenceClassification
 
-from tests.test_ddp import free_port
+from tests.distributed.ports import free_port
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXPECTED = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from hf_wavg import WAvgConfig
@@ -14,7 +14,7 @@ CI = Path(__file__).resolve().parents[1] / ".ci" / "run"
 def test_every_config_field_is_in_the_readme_table_with_its_default():
     text = README.read_text(encoding="utf-8")
     for field in fields(WAvgConfig):
-        default = field.default
+        default = field.default if field.default is not MISSING else field.default_factory()
         shown = f"{default:.4g}" if isinstance(default, float) else repr(default) if isinstance(default, str) else default
         assert f"| `{field.name}` | `{shown}` |" in text, field.name
 

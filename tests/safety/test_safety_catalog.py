@@ -7,7 +7,7 @@ import pytest
 
 from hf_wavg.safety import CallableClassifier, SafetyConfig, SafetySuite
 from hf_wavg.safety.catalog import DIRECTIONS, HEADLINE_METRICS, greater_is_better
-from tests.safety_models import planted_gender_bias
+from tests.safety.safety_models import planted_gender_bias
 
 
 def test_every_metric_the_suite_reports_is_declared():

@@ -1,6 +1,6 @@
 """Sharded models on CPU: FSDP2 (``fully_shard``) and FSDP1 (``use_orig_params=True``), two
 processes under ``torchrun`` with gloo. Accelerate's FSDP plugin needs CUDA; these runs
-drive the same averager code through torch directly (see tests/fsdp_worker.py)."""
+drive the same averager code through torch directly (see tests/distributed/fsdp_worker.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from hf_wavg import EMA, WeightAverager
-from tests.fsdp_worker import SCHEDULE, build
-from tests.test_ddp import free_port
+from tests.distributed.fsdp_worker import SCHEDULE, build
+from tests.distributed.ports import free_port
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"

@@ -8,7 +8,6 @@ CPU path needs mpirun and a host file)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,18 +19,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from hf_wavg import EMA, AveragerStateError, DecaySchedule, WAvgConfig, WeightAverager
+from tests.distributed.ports import free_port
 from tests.reference import assert_close_to_reference, ema_reference
 from tests.trainer_helpers import SnapshotRecorder, averaged_named, make_trainer, seeded_classifier
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 SCHEDULE = DecaySchedule(0.9, "rational")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def accelerate_launch(model_path: str, output_dir: Path, expect_success: bool = True, **settings: str) -> None:

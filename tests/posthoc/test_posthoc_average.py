@@ -230,7 +230,7 @@ def test_lora_adapters_are_averaged_factor_by_factor_and_load_with_peft(tmp_path
 
 def posthoc_benchmark():
     """benchmarks/posthoc_average.py, whose checkpoints and measurement this test shares."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "posthoc_average.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "posthoc_average.py"
     spec = importlib.util.spec_from_file_location("posthoc_average_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

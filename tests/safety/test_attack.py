@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 
 from hf_wavg.safety import AttackResult, CallableClassifier, greedy_char_attack
-from tests.safety_models import constant_model, keyword_model
+from tests.safety.safety_models import constant_model, keyword_model
 
 TEXTS = ["the film was excellent and moving", "an excellent cast", "excellent", "dull and long"]
 LABELS = [1, 1, 1, 0]

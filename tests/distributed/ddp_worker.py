@@ -17,7 +17,7 @@ import torch
 from accelerate import PartialState
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hf_wavg import WAvgConfig, state_io  # noqa: E402
 from tests.trainer_helpers import SnapshotRecorder, make_trainer  # noqa: E402

@@ -25,8 +25,8 @@ from hf_wavg.posthoc import average_checkpoints
 from hf_wavg.records import SAFETY_PLOT_FILE as PLOT_FILE
 from hf_wavg.records import SAFETY_REPORT_FILE as REPORT_FILE
 from hf_wavg.safety.catalog import HEADLINE_METRICS
-from tests.test_safety_trainer import SMALL, safety_texts
-from tests.trainer_helpers import averaged_named, make_trainer
+from tests.trainer_helpers import SMALL_SAFETY as SMALL
+from tests.trainer_helpers import averaged_named, make_trainer, safety_texts
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hf_wavg import EMA, DecaySchedule, WeightAverager  # noqa: E402
 from hf_wavg.sharding import UnsupportedLayoutError  # noqa: E402

@@ -33,7 +33,7 @@ from hf_wavg.safety.measures import (
     likelihood_gap,
     set_outcomes,
 )
-from tests.safety_models import constant_model, planted_gender_bias, probabilities
+from tests.safety.safety_models import constant_model, planted_gender_bias, probabilities
 
 LANGUAGES = ("en", "hi", "ta")
 FAST = dict(safety_n_resamples=200)

@@ -11,7 +11,7 @@ import pytest
 from hf_wavg.safety import CallableClassifier, SafetyConfig, SafetySuite
 from hf_wavg.safety.corpus import ANTI_STEREOTYPE, STEREOTYPE, load_bias_corpus
 from hf_wavg.safety.paired import mean_table, paired_deltas
-from tests.safety_models import keyword_model, planted_gender_bias, probabilities
+from tests.safety.safety_models import keyword_model, planted_gender_bias, probabilities
 
 TEXTS = ["She loved the film.", "He hated the plot.", "The acting was not good at all.",
          "An excellent and moving story.", "My sister found it dull.", "A great cast, a weak ending."] * 4
