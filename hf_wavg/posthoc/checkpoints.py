@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from hf_wavg import state_io
+from hf_wavg.records import STATE_FILE, STATE_TENSOR_PREFIX
 
 CheckpointKind = Literal["model", "adapter"]
 
@@ -170,9 +170,9 @@ class CheckpointReader:
 # Training state that a Trainer checkpoint holds besides the model; never copied to an average.
 TRAINING_STATE_FILES = (
     "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
-    state_io.STATE_FILE,
+    STATE_FILE,
 )
-TRAINING_STATE_PREFIXES = ("rng_state", state_io.STATE_TENSOR_PREFIX)
+TRAINING_STATE_PREFIXES = ("rng_state", STATE_TENSOR_PREFIX)
 
 
 def is_training_state(name: str) -> bool:

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +117,7 @@ def checked_weights(weights: Sequence[float] | None, count: int) -> list[float]:
     return scaled
 
 
-def _row_chunks(shape: tuple[int, ...]) -> list[tuple[int | None, int | None]]:
+def row_chunks(shape: tuple[int, ...]) -> list[tuple[int | None, int | None]]:
     if len(shape) == 0 or shape[0] == 0:
         return [(None, None)]
     row = max(1, math.prod(shape[1:]))
@@ -154,7 +154,7 @@ def average_tensor_into(
         out.copy_(value)
         return
     total = math.fsum(weights)
-    for start, stop in _row_chunks(readers[0].tensors[name].shape):
+    for start, stop in row_chunks(readers[0].tensors[name].shape):
         part = readers[0].read(name, start, stop)
         accumulator = workspace.take(part.shape).copy_(part).mul_(weights[0])
         for reader, weight in zip(readers[1:], weights[1:]):
@@ -170,7 +170,7 @@ def _output_name(file: Path) -> str:
     return file.name.replace("pytorch_model", "model").removesuffix(".bin") + ".safetensors"
 
 
-def _copy_side_files(source: CheckpointReader, target: Path) -> None:
+def copy_side_files(source: CheckpointReader, target: Path) -> None:
     """Config, tokenizer and the like; not weights, not training state, not sub-folders."""
     skip = weight_file_names(source)
     for path in sorted(source.path.iterdir()):
@@ -179,7 +179,7 @@ def _copy_side_files(source: CheckpointReader, target: Path) -> None:
             shutil.copy2(path, target / path.name)
 
 
-def _training_step(reader: CheckpointReader) -> int | None:
+def training_step(reader: CheckpointReader) -> int | None:
     state = reader.path / "trainer_state.json"
     if not state.is_file():
         return None
@@ -189,9 +189,41 @@ def _training_step(reader: CheckpointReader) -> int | None:
 def describe_sources(readers: Sequence[CheckpointReader], weights: Sequence[float]) -> list[dict[str, Any]]:
     total = math.fsum(weights)
     return [
-        {"path": str(reader.path), "step": _training_step(reader), "weight": weight / total}
+        {"path": str(reader.path), "step": training_step(reader), "weight": weight / total}
         for reader, weight in zip(readers, weights)
     ]
+
+
+def write_weights_like(
+    reference: CheckpointReader,
+    staging: Path,
+    tensor: Callable[[str], Tensor],
+    desc: str,
+    progress: bool,
+) -> int:
+    """Write the weights of a folder laid out like ``reference`` into ``staging``: its weight
+    files as safetensors (sharded the same way, with the index), each tensor ``tensor(name)``,
+    made one at a time and dropped once its file is written. Returns the elements written."""
+    weight_map: dict[str, str] = {}
+    names_by_file: dict[Path, list[str]] = {}
+    for name, info in reference.tensors.items():
+        names_by_file.setdefault(info.file, []).append(name)
+    num_elements = total_size = 0
+    with tqdm(total=len(reference.tensors), desc=desc, unit="tensor", disable=not progress) as bar:
+        for file, names in names_by_file.items():
+            shard: dict[str, Tensor] = {}
+            for name in names:
+                shard[name] = tensor(name)
+                num_elements += shard[name].numel()
+                total_size += shard[name].numel() * shard[name].element_size()
+                bar.update()
+            save_file(shard, staging / _output_name(file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(names, _output_name(file)))
+            del shard
+    if len(names_by_file) > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return num_elements
 
 
 def average_checkpoints(
@@ -232,32 +264,19 @@ def average_checkpoints(
         logger.info("hf_wavg: averaging LoRA factors separately gives avg(B)avg(A), an approximation of avg(BA)")
 
     with staged_dir(output) as staging:
-        weight_map: dict[str, str] = {}
-        names_by_file: dict[Path, list[str]] = {}
-        for name, info in reference.tensors.items():
-            names_by_file.setdefault(info.file, []).append(name)
         workspace = Workspace()
-        num_elements = 0  # as written: an update-space combination has a rank of its own
-        with tqdm(total=len(reference.tensors), desc="averaging tensors", unit="tensor", disable=not progress) as bar:
-            for file, names in names_by_file.items():
-                shard: dict[str, Tensor] = {}
-                for name in names:
-                    if combined is not None and name in combined.tensors:
-                        shard[name] = combined.tensors[name]
-                    else:
-                        info = reference.tensors[name]
-                        shard[name] = torch.empty(info.shape, dtype=info.dtype)
-                        average_tensor_into(shard[name], readers, name, weights, workspace)
-                    num_elements += shard[name].numel()
-                    bar.update()
-                save_file(shard, staging / _output_name(file), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(names, _output_name(file)))
-                del shard
-        if len(names_by_file) > 1:
-            total_size = sum(info.nbytes for info in reference.tensors.values())
-            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-        _copy_side_files(reference, staging)
+
+        def averaged(name: str) -> Tensor:
+            if combined is not None and name in combined.tensors:
+                return combined.tensors[name]
+            info = reference.tensors[name]
+            out = torch.empty(info.shape, dtype=info.dtype)
+            average_tensor_into(out, readers, name, weights, workspace)
+            return out
+
+        # Counted as written: an update-space combination has a rank of its own.
+        num_elements = write_weights_like(reference, staging, averaged, "averaging tensors", progress)
+        copy_side_files(reference, staging)
         if combined is not None:  # the rank and alpha of the combination; sort_keys as PEFT writes it
             config_file = staging / "adapter_config.json"
             config_file.write_text(json.dumps(combined.config, indent=2, sort_keys=True), encoding="utf-8")

@@ -37,20 +37,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from hf_wavg.posthoc.checkpoints import CheckpointError, CheckpointReader
 from hf_wavg.posthoc.merge import (
     Checkpoint,
     Workspace,
-    _copy_side_files,
-    _output_name,
-    _row_chunks,
     average_tensor_into,
+    copy_side_files,
     describe_sources,
     open_checkpoints,
+    row_chunks,
+    write_weights_like,
 )
 from hf_wavg.posthoc.output import prepare_output_dir, staged_dir
 from hf_wavg.records import MERGE_FILE
@@ -168,7 +166,7 @@ def update_gram(readers: Sequence[CheckpointReader], name: str, pretrained: Chec
     slice by slice."""
     k = len(readers)
     gram = torch.zeros(k, k, dtype=torch.float64)
-    for start, stop in _row_chunks(readers[0].tensors[name].shape):
+    for start, stop in row_chunks(readers[0].tensors[name].shape):
         anchor = pretrained.read(pretrained_name, start, stop).to(torch.float64).reshape(-1)
         updates = [reader.read(name, start, stop).to(torch.float64).reshape(-1).sub_(anchor) for reader in readers]
         for i in range(k):
@@ -186,7 +184,7 @@ def stock_tensor_into(
     pretrained_name: str, t: float, workspace: Workspace,
 ) -> None:
     """Write ``t * mean(W_i) + (1 - t) * W_0`` of tensor ``name`` into ``out``, slice by slice."""
-    for start, stop in _row_chunks(readers[0].tensors[name].shape):
+    for start, stop in row_chunks(readers[0].tensors[name].shape):
         accumulator: Tensor | None = None
         for reader in readers:
             part = reader.read(name, start, stop)
@@ -250,36 +248,25 @@ def model_stock(
 
     layers: dict[str, dict[str, float]] = {}
     with staged_dir(output) as staging:
-        weight_map: dict[str, str] = {}
-        names_by_file: dict[Path, list[str]] = {}
-        for name, info in reference.tensors.items():
-            names_by_file.setdefault(info.file, []).append(name)
         workspace = Workspace()
-        with tqdm(total=len(reference.tensors), desc="model stock", unit="tensor", disable=not progress) as bar:
-            for file, names in names_by_file.items():
-                shard: dict[str, Tensor] = {}
-                for name in names:
-                    info = reference.tensors[name]
-                    shard[name] = torch.empty(info.shape, dtype=info.dtype)
-                    if name not in mapping:  # a new head, or a non-float tensor (copied, must agree)
-                        average_tensor_into(shard[name], readers, name, [1.0] * k, workspace)
-                    else:
-                        gram = update_gram(readers, name, base, mapping[name])
-                        if not bool(gram.isfinite().all()):
-                            raise CheckpointError(f"tensor {name!r} holds NaN or inf in a checkpoint or the pre-trained model")
-                        cos = mean_pairwise_cosine(gram)
-                        t = stock_ratio(cos, k)
-                        stock_tensor_into(shard[name], readers, name, base, mapping[name], t, workspace)
-                        layers[name] = {"cos": cos, "t": t}
-                    bar.update()
-                save_file(shard, staging / _output_name(file), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(names, _output_name(file)))
-                del shard
-        if len(names_by_file) > 1:
-            total_size = sum(info.nbytes for info in reference.tensors.values())
-            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-        _copy_side_files(reference, staging)
+
+        def stocked(name: str) -> Tensor:
+            info = reference.tensors[name]
+            out = torch.empty(info.shape, dtype=info.dtype)
+            if name not in mapping:  # a new head, or a non-float tensor (copied, must agree)
+                average_tensor_into(out, readers, name, [1.0] * k, workspace)
+                return out
+            gram = update_gram(readers, name, base, mapping[name])
+            if not bool(gram.isfinite().all()):
+                raise CheckpointError(f"tensor {name!r} holds NaN or inf in a checkpoint or the pre-trained model")
+            cos = mean_pairwise_cosine(gram)
+            t = stock_ratio(cos, k)
+            stock_tensor_into(out, readers, name, base, mapping[name], t, workspace)
+            layers[name] = {"cos": cos, "t": t}
+            return out
+
+        write_weights_like(reference, staging, stocked, "model stock", progress)
+        copy_side_files(reference, staging)
         record: dict[str, Any] = {
             "method": METHOD,
             "kind": reference.kind,

@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hf_wavg import state_io
 from hf_wavg.averaging.posthoc_ema import PROFILE_GROUP, PostHocEMA, SynthesisPlan, plan_synthesis, weighted_sum
 from hf_wavg.posthoc.checkpoints import CheckpointError, CheckpointReader
-from hf_wavg.posthoc.merge import _copy_side_files, _output_name, _training_step
+from hf_wavg.posthoc.merge import copy_side_files, training_step, write_weights_like
 from hf_wavg.posthoc.output import prepare_output_dir, staged_dir
 from hf_wavg.records import POSTHOC_EMA_FILE, STATE_FILE
 from hf_wavg.safety.catalog import greater_is_better as metric_direction
@@ -201,33 +200,6 @@ def _saved_names(reader: CheckpointReader, shapes: dict[str, list[int]]) -> dict
     return names
 
 
-def _write_weights(reader: CheckpointReader, staging: Path, replace: Callable[[str], Tensor | None],
-                   progress: bool) -> None:
-    """``reader``'s weight files as safetensors in ``staging``, each tensor ``replace(name)``
-    (cast to the saved dtype) or, where that is None, the saved one."""
-    weight_map: dict[str, str] = {}
-    names_by_file: dict[Path, list[str]] = {}
-    for name, info in reader.tensors.items():
-        names_by_file.setdefault(info.file, []).append(name)
-    with tqdm(total=len(reader.tensors), desc="writing tensors", unit="tensor", disable=not progress) as bar:
-        for file, names in names_by_file.items():
-            shard: dict[str, Tensor] = {}
-            for name in names:
-                info = reader.tensors[name]
-                new = replace(name)
-                # A fresh tensor each: pickled tied weights share storage, which safetensors refuses.
-                shard[name] = torch.empty(info.shape, dtype=info.dtype).copy_(new if new is not None
-                                                                              else reader.read(name))
-                bar.update()
-            save_file(shard, staging / _output_name(file), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(names, _output_name(file)))
-            del shard
-    if len(names_by_file) > 1:
-        total_size = sum(info.nbytes for info in reader.tensors.values())
-        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-
-
 def posthoc_ema(
     checkpoints: Sequence[str | os.PathLike[str]],
     sigma_rel: float,
@@ -251,11 +223,17 @@ def posthoc_ema(
         logger.warning("hf_wavg: the stored profiles fit sigma_rel=%g only to a relative error of %.3f",
                        sigma_rel, plan.relative_error)
     with staged_dir(output) as staging, states.synthesized(plan) as synthesized:
-        _write_weights(reader, staging,
-                       lambda name: synthesized(saved_to_averaged[name]) if name in saved_to_averaged else None,
-                       progress)
-        _copy_side_files(reader, staging)
-        record = {**states.describe(plan), "kind": reader.kind, "training_step": _training_step(reader),
+
+        def written(name: str) -> Tensor:
+            info = reader.tensors[name]
+            new = synthesized(saved_to_averaged[name]) if name in saved_to_averaged else reader.read(name)
+            # A fresh tensor each, cast to the saved dtype: pickled tied weights share storage, which
+            # safetensors refuses.
+            return torch.empty(info.shape, dtype=info.dtype).copy_(new)
+
+        write_weights_like(reader, staging, written, "writing tensors", progress)
+        copy_side_files(reader, staging)
+        record = {**states.describe(plan), "kind": reader.kind, "training_step": training_step(reader),
                   **(description or {})}
         (staging / POSTHOC_EMA_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
     return output
