@@ -13,6 +13,7 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     TrainingArguments,
+    set_seed,
 )
 from transformers.utils import logging as hf_logging
 
@@ -68,6 +69,9 @@ def run_demo(settings: DemoSettings) -> dict[str, float]:
 
     model_path = settings.model or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    # The classification head is initialised here, before the Trainer seeds anything: without
+    # this, each run starts from another head and ends with other numbers.
+    set_seed(settings.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path,
         num_labels=len(data.label_names),

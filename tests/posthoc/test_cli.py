@@ -41,6 +41,19 @@ def test_demo_trains_prints_raw_vs_averaged_and_saves_a_loadable_model(minilm_pa
     assert (tmp_path / "averaged_model" / "wavg_averaging.json").is_file()
 
 
+def test_two_runs_of_the_demo_print_the_same_tables_and_save_the_same_weights(minilm_path, tmp_path, capsys):
+    def run(folder: str) -> list[str]:
+        torch.rand(7)  # the global generator elsewhere than at the other run's start
+        assert main(["demo", "--output-dir", str(tmp_path / folder), "--epochs", "1", "--max-train-samples", "32",
+                     "--no-safety"]) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+
+    first, second = run("a"), run("b")
+    assert len(first) > 6 and first == second
+    saved = [load_file(tmp_path / folder / "averaged_model" / "model.safetensors") for folder in ("a", "b")]
+    assert all(torch.equal(saved[0][name], saved[1][name]) for name in saved[0])
+
+
 def test_demo_reads_a_local_tsv_with_other_column_names(minilm_path, tmp_path, capsys):
     sample = write_sample(tmp_path / "sample.csv", per_language=16)
     with open(sample, encoding="utf-8") as source, open(tmp_path / "data.tsv", "w", encoding="utf-8") as target:
