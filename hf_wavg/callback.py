@@ -140,6 +140,10 @@ class WAvgCallback(TrainerCallback):
         self.total_steps = state.max_steps
         self.update_steps = update_steps(self.first_step, self.run_config.update_every, state.max_steps)
         self._announce_window(state)
+        if self.config.method == "posthoc_ema" and args.save_strategy == "no" and state.is_world_process_zero:
+            logger.warning("hf_wavg: method='posthoc_ema' stores its EMA profiles in checkpoints, and this run saves "
+                           "none (save_strategy='no'): hf-wavg posthoc-ema will have nothing to synthesise from. "
+                           "Save a checkpoint every ~10% of training")
         # Weights are read once (the first update checks them); after that a step with a
         # finite gradient norm keeps them finite. Half-precision weights can overflow.
         self._finite_since_check, self._step_signal = None, None

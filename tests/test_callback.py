@@ -3,6 +3,8 @@ told or can verify, and it adds the safety suite to evaluate()."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import Trainer
@@ -46,3 +48,14 @@ def test_bare_callback_on_a_plain_trainer_adds_safety_to_evaluate(tmp_path, mini
     assert "safety/average/counterfactual/flip_rate" in metrics
     assert any("safety/average/calibration/brier" in log for log in trainer.state.log_history)
     assert (tmp_path / "run" / REPORT_FILE).is_file()
+
+
+def test_post_hoc_ema_without_checkpoints_is_warned_about(minilm_path, tmp_path, caplog):
+    config = WAvgConfig(method="posthoc_ema")
+    with caplog.at_level(logging.WARNING, logger="hf_wavg"):
+        make_trainer(minilm_path, tmp_path / "none", config, tiny=True, max_steps=2, save_strategy="no").train()
+    assert "saves none (save_strategy='no')" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_wavg"):
+        make_trainer(minilm_path, tmp_path / "some", config, tiny=True, max_steps=2, **CHECKPOINTS).train()
+    assert "saves none" not in caplog.text
