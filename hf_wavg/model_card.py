@@ -154,7 +154,8 @@ def posthoc_ema_card_section(record: dict[str, Any]) -> str:
         f"relative error is {record['relative_error']:.2e}.", "",
     ]
     if sweep:
-        lines += [f"The width was chosen as the best {sweep['selected_by']} of a sweep:", ""]
+        chosen = f"chosen as the best {sweep['selected_by']} of" if sweep.get("selected_by") else "scored in"
+        lines += [f"The width was {chosen} a sweep:", ""]
         keys = [k for k in sweep["rows"][0] if k not in ("sigma_rel", "relative_error") and "/" not in k]
         lines += ["| sigma_rel | fit error | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
         lines += ["| " + " | ".join([f"{row['sigma_rel']:g}", f"{row['relative_error']:.2e}",

@@ -44,6 +44,8 @@ def _method(args: argparse.Namespace) -> str:
     method = "greedy" if args.greedy else args.method or "uniform"
     if (method == "model-stock") != (args.pretrained is not None):
         raise ValueError("--pretrained goes with --method model-stock, and model-stock needs it")
+    if method == "model-stock" and (args.lora_mode != "auto" or args.lora_rank is not None):
+        raise ValueError("--lora-mode and --lora-rank do not apply to --method model-stock, which takes full models")
     if method == "greedy" and not args.dataset:
         raise ValueError("--greedy needs --dataset: the validation data that scores each candidate soup")
     return method

@@ -136,8 +136,8 @@ class CheckpointReader:
         """Tensor ``name``, or its rows ``start:stop`` along the first dimension."""
         info = self.tensors[name]
         if info.file.suffix == ".bin":
-            tensor = self._load_pickle(info.file)[name]
-            return tensor if start is None else tensor[start:stop]
+            tensor = self._load_pickle(info.file)[name]  # cached: a copy, so no caller can alter the cache
+            return (tensor if start is None else tensor[start:stop]).clone()
         with safe_open(info.file, framework="pt") as handle:
             if start is None:
                 return handle.get_tensor(name)

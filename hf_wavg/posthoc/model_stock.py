@@ -168,7 +168,9 @@ def update_gram(readers: Sequence[CheckpointReader], name: str, pretrained: Chec
     gram = torch.zeros(k, k, dtype=torch.float64)
     for start, stop in row_chunks(readers[0].tensors[name].shape):
         anchor = pretrained.read(pretrained_name, start, stop).to(torch.float64).reshape(-1)
-        updates = [reader.read(name, start, stop).to(torch.float64).reshape(-1).sub_(anchor) for reader in readers]
+        # A copy even when the checkpoint is float64: the update is formed in place.
+        updates = [reader.read(name, start, stop).to(torch.float64, copy=True).reshape(-1).sub_(anchor)
+                   for reader in readers]
         for i in range(k):
             for j in range(i, k):
                 # An elementwise product then a sum, not a dot product: identical updates then

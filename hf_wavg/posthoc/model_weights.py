@@ -30,7 +30,7 @@ def saved_state(model: nn.Module, kind: CheckpointKind | None = None) -> dict[st
             raise CheckpointError("these checkpoints hold a PEFT adapter but the model is not a PeftModel")
         from peft import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(model)
+        return get_peft_model_state_dict(model, adapter_name=model.active_adapter)
     return model.state_dict()
 
 

@@ -302,7 +302,26 @@ def test_the_command_line_writes_the_same_soup_and_the_card_says_how(two_runs, p
     capsys.readouterr()
     assert main(["soup", *map(str, two_runs), "--method", "model-stock", "--out", str(tmp_path / "x")]) == 2
     assert main([*argv, "--greedy", "--out", str(tmp_path / "y")]) == 2
+    assert main([*argv, "--lora-mode", "exact", "--out", str(tmp_path / "z")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and "--pretrained goes with --method model-stock" in lines[0]
+    assert len(lines) == 3 and "--pretrained goes with --method model-stock" in lines[0]
     assert "--greedy contradicts --method model-stock" in lines[1]
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert "--lora-mode and --lora-rank do not apply to --method model-stock" in lines[2]
+    assert not any((tmp_path / name).exists() for name in "xyz")
+
+
+def test_float64_pickle_checkpoints_give_the_same_soup(pretrained, tmp_path):
+    # A float64 tensor read from a pickle is not copied by .to(float64): the update must not be
+    # formed in the cached tensor itself.
+    runs = [finetune(pretrained, tmp_path / f"run{i}", seed=i) for i in range(2)]
+    pickled = []
+    for run in runs:
+        folder = tmp_path / f"{run.name}-bin"
+        folder.mkdir()
+        torch.save({name: value.double() for name, value in load_state(run).items()}, folder / "pytorch_model.bin")
+        shutil.copy(run / "config.json", folder / "config.json")
+        pickled.append(folder)
+    expected, _ = stock_reference(runs, pretrained, without_bert_prefix)
+    state = load_state(model_stock(pickled, pretrained, tmp_path / "stock", progress=False))
+    for name, value in expected.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-12, atol=1e-12, msg=name)
