@@ -59,6 +59,7 @@ def main(mode: str, output_dir: str) -> None:
         # Both ranks tear gloo down together: one that exits while its peer still works
         # can abort in gloo's teardown even though all its work is done.
         dist.barrier()
+        (Path(output_dir) / f"finished-rank{dist.get_rank()}").touch()  # every collective is behind us
     finally:
         dist.destroy_process_group()
 

@@ -27,7 +27,12 @@ def torchrun(mode: str, output_dir: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(WORKER), mode, str(output_dir)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
+    # gloo can still abort while a process exits, after both ranks passed the last barrier and
+    # wrote everything (seen about once in twenty runs here): that is the library's teardown,
+    # not the averaging under test, so it is accepted only then.
+    finished = all((output_dir / f"finished-rank{rank}").is_file() for rank in (0, 1))
+    teardown_abort = finished and "terminate called without an active exception" in done.stderr
+    assert done.returncode == 0 or teardown_abort, done.stderr[-4000:]
 
 
 @pytest.mark.parametrize("mode", ["fsdp2", "fsdp1"])
