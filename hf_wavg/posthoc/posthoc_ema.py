@@ -32,8 +32,8 @@ from hf_wavg.averaging.posthoc_ema import PROFILE_GROUP, PostHocEMA, SynthesisPl
 from hf_wavg.posthoc.checkpoints import CheckpointError, CheckpointReader
 from hf_wavg.posthoc.merge import copy_side_files, training_step, write_weights_like
 from hf_wavg.posthoc.output import prepare_output_dir, staged_dir
+from hf_wavg.posthoc.selection import best_setting
 from hf_wavg.records import POSTHOC_EMA_FILE, STATE_FILE
-from hf_wavg.safety.catalog import greater_is_better as metric_direction
 
 logger = logging.getLogger(__name__)
 
@@ -280,14 +280,7 @@ class PosthocEMAResult:
 
     def best(self, metric: str, greater_is_better: bool | None = None) -> float:
         """The sigma_rel with the best ``metric`` (the first given on a tie)."""
-        if greater_is_better is None:
-            greater_is_better = metric_direction(metric)
-        sign = 1.0 if greater_is_better else -1.0
-        scored = [(sign * m[metric], s) for s, m in zip(self.sigma_rels, self.metrics)
-                  if math.isfinite(m.get(metric, math.nan))]
-        if not scored:
-            raise KeyError(f"no sigma_rel has a finite {metric!r}")
-        return max(scored, key=lambda pair: pair[0])[1]
+        return best_setting(self.sigma_rels, self.metrics, metric, greater_is_better, name="sigma_rel")
 
     def to_dict(self) -> dict[str, Any]:
         rows = [{"sigma_rel": s, "relative_error": e, **m}

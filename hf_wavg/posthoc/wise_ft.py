@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from hf_wavg.model_card import wise_ft_table
 from hf_wavg.posthoc.constants import DEFAULT_ALPHAS
-from hf_wavg.posthoc.evaluation import greater_is_better as metric_greater_is_better
 from hf_wavg.posthoc.model_weights import is_peft_model
 from hf_wavg.posthoc.output import staged_dir
+from hf_wavg.posthoc.selection import best_setting
 from hf_wavg.records import WISE_FT_FILE
 
 _LORA_UPDATE_FACTORS = ("lora_B", "lora_embedding_B")
@@ -71,11 +71,7 @@ class WiseFTResult:
 
     def best(self, metric: str, greater_is_better: bool | None = None) -> float:
         """The alpha with the best ``metric`` (the larger alpha on a tie)."""
-        higher = metric_greater_is_better(metric) if greater_is_better is None else greater_is_better
-        scored = [(m[metric], a) for a, m in zip(self.alphas, self.metrics) if math.isfinite(m.get(metric, math.nan))]
-        if not scored:
-            raise KeyError(f"no alpha has a finite {metric!r}")
-        return max(scored, key=lambda s: (s[0] if higher else -s[0], s[1]))[1]
+        return best_setting(self.alphas, self.metrics, metric, greater_is_better, ties_to_larger=True, name="alpha")
 
     def to_dict(self) -> dict[str, Any]:
         return {
