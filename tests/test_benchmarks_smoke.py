@@ -76,6 +76,12 @@ def test_average_memory_smoke(tmp_path, minilm_path):
 def test_quality_smoke(tmp_path, shared_data, minilm_path, task):
     out = run("quality.py", "--task", task, "--smoke", "--seeds", "0", "--data", str(shared_data),
               "--output-dir", str(tmp_path))
-    assert "| greedy soup (dev accuracy) |" in out and "| EMA |" in out
+    for label in ("greedy soup (dev accuracy)", "EMA, horizon last third", "PLM recipe: constant LR, SWA every k steps",
+                  "refine from the average every epoch", "soup, then one more epoch at lr/4", "logit pairing λ=2 + SWA"):
+        assert f"| {label} |" in out
     assert ("| WiSE-FT, best alpha on dev |" in out) == (task == "cad")  # no pretrained ALBERT offline
-    assert (tmp_path / f"quality-{task}-smoke.png").is_file() and (tmp_path / f"quality-{task}-smoke.json").is_file()
+    assert ("contrast consistency" in out) == (task == "cad")  # only cad-sentiment has revised pairs
+    assert "*smallest resolvable difference (80% power)*" in out
+    summary = json.loads((tmp_path / f"quality-{task}-smoke.json").read_text())["summary"]
+    assert "last" not in summary["differences"] and len(summary["differences"]) == len(summary["methods"]) - 1
+    assert (tmp_path / f"quality-{task}-smoke.png").is_file()
