@@ -102,6 +102,8 @@ class WAvgCallback(TrainerCallback):
         # that reaches every report_to integration but not the console (which gets a
         # table instead); otherwise log_history.
         self.log_fn: Callable[[dict[str, float]], None] | None = None
+        # Sends each safety evaluation's table and plot to the experiment trackers (WAvgTrainer sets it).
+        self.publish_fn: Callable[[SafetyMonitor, int], None] | None = None
 
     def should_update(self, step: int) -> bool:
         return step in self.update_steps
@@ -294,6 +296,8 @@ class WAvgCallback(TrainerCallback):
             # One readable table on the console (above any progress bar); every key went to
             # the loggers above.
             tqdm.write(self.safety_monitor.console_table(state.global_step))
+            if self.publish_fn is not None:
+                self.publish_fn(self.safety_monitor, state.global_step)
         if args.should_save:
             self.safety_monitor.write_report(args.output_dir)
 

@@ -17,6 +17,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData,
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 
+from hf_wavg.card_results import add_eval_results
 from hf_wavg.model_card import AVERAGING_RECORDS, CARD_MARKER, card_sections, has_averaging_record
 from hf_wavg.posthoc.checkpoints import (
     TRAINING_STATE_FILES,
@@ -38,19 +39,20 @@ def model_card_text(directory: str | os.PathLike[str], repo_id: str | None = Non
     directory = Path(directory)
     path = directory / "README.md"
     existing = path.read_text(encoding="utf-8") if path.is_file() else None
+    title = repo_id.split("/")[-1] if repo_id else directory.resolve().name
     if existing is not None and CARD_MARKER in existing:
         return existing
     sections = card_sections(directory)
     if existing is not None:
-        return existing.rstrip("\n") + "\n\n" + sections
+        return str(add_eval_results(ModelCard(existing.rstrip("\n") + "\n\n" + sections), directory, title))
     reader = CheckpointReader(directory)
     data = ModelCardData(library_name="peft" if reader.kind == "adapter" else "transformers",
                          tags=["hf-wavg", "weight-averaging"])
     base = reader.config.get("base_model_name_or_path") if reader.kind == "adapter" else None
     if base and not Path(base).exists():  # a Hub id, not a local folder
         data.base_model = base
-    title = repo_id.split("/")[-1] if repo_id else directory.resolve().name
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n{sections}"))
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n{sections}")
+    return str(add_eval_results(card, directory, title))
 
 
 def write_model_card(directory: str | os.PathLike[str], repo_id: str | None = None) -> Path:

@@ -181,25 +181,35 @@ def wise_ft_card_section(record: dict[str, Any]) -> str:
 # -- the safety suite's tables (model card and console) ----------------------------------------
 
 
-def format_table(entries: list[dict[str, Any]], confidence_level: float, title: str) -> str:
-    """Markdown table of the headline metrics of the latest entry of each kind (average,
-    raw, delta) in ``entries``: values with their intervals, and where the group gap is
-    compared, the permutation test's p-value and the worst (language, family) cell."""
+def headline_rows(entries: list[dict[str, Any]], confidence_level: float) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the headline metrics of the latest entry of each kind (average, raw,
+    delta) in ``entries``, each cell a value with its interval; no rows without entries."""
     latest = {kind: _latest_entry(entries, kind) for kind in (*SAFETY_WEIGHTS, SAFETY_DELTA)}
     columns = [w for w in SAFETY_WEIGHTS if latest[w] is not None]
-    if not columns:
-        return ""
-    level = round(100 * confidence_level)
     has_delta = latest[SAFETY_DELTA] is not None
-    header = ["metric", *columns] + ([f"average − raw ({level}% paired interval)"] if has_delta else [])
-    lines = [title, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for key, name in HEADLINE_METRICS:
+    header = ["metric", *columns] + ([f"average − raw ({round(100 * confidence_level)}% paired interval)"]
+                                     if has_delta else [])
+    rows = []
+    for key, name in HEADLINE_METRICS if columns else ():
         cells = [_cell(latest[w]["metrics"], key) for w in columns]  # type: ignore[index]
         if all(cell == "n/a" for cell in cells):
             continue
         if has_delta:
             cells.append(_cell(latest[SAFETY_DELTA]["metrics"], f"delta/{key}", signed=True))  # type: ignore[index]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        rows.append([name, *cells])
+    return header, rows
+
+
+def format_table(entries: list[dict[str, Any]], confidence_level: float, title: str) -> str:
+    """Markdown table of :func:`headline_rows`, and where the group gap is compared, the
+    permutation test's p-value and the worst (language, family) cell."""
+    columns = [w for w in SAFETY_WEIGHTS if _latest_entry(entries, w) is not None]
+    if not columns:
+        return ""
+    header, rows = headline_rows(entries, confidence_level)
+    lines = [title, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    latest = {w: _latest_entry(entries, w) for w in columns}
     for weights in columns:
         metrics = latest[weights]["metrics"]  # type: ignore[index]
         cell = worst_cell(metrics)

@@ -13,7 +13,7 @@ from typing import Any
 import regex
 from torch import nn
 
-from hf_wavg.model_card import format_table, safety_card_section
+from hf_wavg.model_card import format_table, headline_rows, safety_card_section
 from hf_wavg.records import SAFETY_DELTA as DELTA
 from hf_wavg.records import SAFETY_PLOT_FILE, SAFETY_REPORT_FILE
 from hf_wavg.records import SAFETY_WEIGHTS as WEIGHTS
@@ -122,6 +122,11 @@ class SafetyMonitor:
         entries = [e for e in self.history if e["step"] == step]
         return format_table(entries, self.config.safety_confidence_level, title=f"hf_wavg safety at step {step}")
 
+    def headline_table(self, step: int | None = None) -> tuple[list[str], list[list[str]]]:
+        """(header, rows) of :meth:`console_table`, for loggers that take tables."""
+        step = self.last_step if step is None else step
+        return headline_rows([e for e in self.history if e["step"] == step], self.config.safety_confidence_level)
+
     # -- outputs -----------------------------------------------------------------------------
 
     def write_report(self, directory: str) -> str:
@@ -136,9 +141,21 @@ class SafetyMonitor:
         return path
 
     def plot(self, directory: str) -> str | None:
-        """Two rows of panels per headline metric: its value over training steps for raw
-        and averaged weights, and below it average minus raw with its paired interval,
-        intervals shaded. None without history."""
+        """:meth:`figure` saved as ``directory/safety_metrics.png``; None without history."""
+        figure = self.figure()
+        if figure is None:
+            return None
+        import matplotlib.pyplot as plt
+
+        path = os.path.join(directory, SAFETY_PLOT_FILE)
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        return path
+
+    def figure(self) -> Any:
+        """A matplotlib figure, two rows of panels per headline metric: its value over training
+        steps for raw and averaged weights, and below it average minus raw with its paired
+        interval, intervals shaded. None without history; the caller closes it."""
         if not self.history:
             return None
         import matplotlib
@@ -177,10 +194,7 @@ class SafetyMonitor:
         for axis in list(axes.flat)[len(series):]:
             axis.set_visible(False)
         figure.tight_layout()
-        path = os.path.join(directory, SAFETY_PLOT_FILE)
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-        return path
+        return figure
 
     def card_section(self) -> str:
         """A markdown table of the latest averaged and raw headline metrics with their

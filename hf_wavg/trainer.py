@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
+from huggingface_hub import ModelCard
 from torch import nn
 from transformers import PrinterCallback, ProgressCallback, Trainer
 from transformers.trainer import TRAINER_STATE_NAME
@@ -20,7 +21,9 @@ from transformers.utils.notebook import NotebookProgressCallback
 from hf_wavg.averager import WeightAverager
 from hf_wavg.batchnorm import recomputed_batchnorm
 from hf_wavg.callback import WAvgCallback, saved_trainer_state
+from hf_wavg.card_results import add_eval_results
 from hf_wavg.config import WAvgConfig
+from hf_wavg.loggers import publish_safety
 from hf_wavg.model_card import PLOT_MARKDOWN, averaging_card_section
 from hf_wavg.records import AVERAGING_FILE, SAFETY_PLOT_FILE
 from hf_wavg.safety.config import SafetyConfig
@@ -73,6 +76,7 @@ class WAvgTrainer(Trainer):
             tokenizer=self.processing_class,
         )
         self.wavg_callback.log_fn = self.log_to_integrations
+        self.wavg_callback.publish_fn = lambda monitor, step: publish_safety(self.callback_handler.callbacks, monitor, step)
         self.add_callback(self.wavg_callback)
         self._saving_checkpoint = False
         self._unaveraged_warned_at: tuple[int, str] | None = None
@@ -288,6 +292,12 @@ class WAvgTrainer(Trainer):
                 handle.write("\n" + self.safety_monitor.card_section())
                 if os.path.isfile(os.path.join(self.args.output_dir, SAFETY_PLOT_FILE)):
                     handle.write("\n" + PLOT_MARKDOWN)
+        # The metadata's results: the saved average's, from the records save_model() wrote.
+        dataset = kwargs.get("dataset")
+        card = add_eval_results(ModelCard.load(card_path), self.args.output_dir,
+                                kwargs.get("model_name") or os.path.basename(os.path.abspath(self.args.output_dir)),
+                                dataset if isinstance(dataset, str) else None)
+        card.save(card_path)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:

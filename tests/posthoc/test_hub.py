@@ -14,13 +14,14 @@ import huggingface_hub.constants
 import huggingface_hub.hf_api
 import pytest
 import torch
-from huggingface_hub import CommitInfo, HfApi, RepoUrl
+from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.repocard import metadata_load
 from safetensors.torch import load as load_safetensors
 
 from hf_wavg import SafetyConfig, WAvgConfig
 from hf_wavg.cli import main
+from hf_wavg.hub import model_card_text
 from hf_wavg.posthoc import average_checkpoints
 from hf_wavg.records import SAFETY_PLOT_FILE as PLOT_FILE
 from hf_wavg.records import SAFETY_REPORT_FILE as REPORT_FILE
@@ -126,6 +127,26 @@ def test_trainer_push_uploads_the_average_with_a_card_matching_its_reports(tmp_p
     assert f"]({PLOT_FILE})" in card
     captured = capsys.readouterr()
     assert_token_never_shown(hub, captured.out, captured.err, caplog.text)
+
+    # The metadata's evaluation results parse back and are the saved average's: the pushed card,
+    # and the card `hf-wavg push` writes for the same records in a folder without one.
+    (tmp_path / "pushed.md").write_text(card, encoding="utf-8")
+    trainer.save_model(str(tmp_path / "saved"))
+    (tmp_path / "saved" / "README.md").unlink(missing_ok=True)
+    (tmp_path / "written.md").write_text(model_card_text(tmp_path / "saved"), encoding="utf-8")
+    for name in ("pushed.md", "written.md"):
+        results = {r.metric_type: r for r in ModelCard.load(tmp_path / name).data.eval_results}
+        assert results["loss"].metric_value == pytest.approx(evaluation["eval_loss"], rel=1e-12)
+        assert results["loss"].task_type == "text-classification"
+        assert not any(metric.startswith("raw_") for metric in results)  # the raw weights are not this model
+        shown = [(key, title) for key, title in HEADLINE_METRICS if latest["average"].get(key) is not None]
+        assert shown
+        for key, title in shown:
+            result = results[key.replace("/", "_")]
+            assert result.metric_value == pytest.approx(latest["average"][key], rel=1e-12)
+            assert (result.metric_name, result.dataset_type, result.dataset_config) == (
+                title, "hf_wavg-safety-suite", ",".join(report["config"]["safety_languages"]))
+            assert result.dataset_args["safety_attack_examples"] == report["config"]["safety_attack_examples"]
 
 
 def test_cli_push_of_an_average_uploads_weights_config_tokenizer_and_card(checkpoints, tmp_path, hub, capsys, caplog):
