@@ -1,7 +1,9 @@
-"""Every notebook runs top to bottom offline (at a tiny size) and is stored without outputs."""
+"""Every notebook runs top to bottom offline (at a tiny size), and is stored with the outputs
+of its full-size run, which came from its current code (notebooks/execute.py stamps them)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,10 @@ nbformat = pytest.importorskip("nbformat", reason="notebook tests need nbformat,
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+NOTEBOOK_FOLDER = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_FOLDER.glob("*.ipynb"))
+sys.path.insert(0, str(NOTEBOOK_FOLDER))
+from execute_notebooks import STAMP, source_digest
 
 pytestmark = pytest.mark.slow
 
@@ -20,12 +25,25 @@ def test_there_are_four_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_is_stored_without_outputs(path):
+def test_stored_outputs_come_from_the_current_code(path):
+    """Each notebook is stored executed at full size, in one run from top to bottom, without
+    errors, and stamped with the hash of the code cells that made its outputs."""
     notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
-    for cell in notebook.cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: clear its outputs"
+    assert notebook.metadata.get(STAMP, {}).get("source_sha256") == source_digest(notebook), (
+        f"{path.name}: its code changed since its outputs were stored; run python notebooks/execute_notebooks.py {path.stem}")
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
+    outputs = [output for cell in code for output in cell.outputs]
+    assert outputs and not any(output.output_type == "error" for output in outputs)
+
+
+def test_the_stamp_changes_with_any_code_cell():
+    notebook = nbformat.read(NOTEBOOKS[0], as_version=4)
+    before = source_digest(notebook)
+    cell = next(cell for cell in notebook.cells if cell.cell_type == "code")
+    cell.source += " "
+    assert source_digest(notebook) != before
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
