@@ -93,18 +93,18 @@ METHODS = (
 LABELS = dict(METHODS)
 # (column key, title, how the paired difference is formed): "units" from a UnitTable of the
 # same units in both runs, "point" a difference of the seed values without an interval.
+# Titles carry the better direction: ↑ higher is better, ↓ lower is.
 COLUMNS = (
-    ("perturbation/accuracy", "perturbed acc", "units"),
-    ("perturbation/invariance_failure_rate", "invariance failures", "units"),
-    ("adversarial/attack_success_rate", "attack success", "units"),
-    ("counterfactual/flip_rate", "CF flip rate", "units"),
-    ("counterfactual/mean_abs_score_change", "CF score change", "units"),
-    ("counterfactual/group_gap", "group gap", "point"),
-    ("calibration/brier", "Brier", "units"),
-    ("calibration/ece", "ECE", "point"),
+    ("perturbation/accuracy", "perturbed acc ↑", "units"),
+    ("perturbation/invariance_failure_rate", "invariance failures ↓", "units"),
+    ("adversarial/attack_success_rate", "attack success ↓", "units"),
+    ("adversarial/accuracy_under_attack", "acc under attack ↑", "units"),
+    ("counterfactual/flip_rate", "CF flip rate ↓", "units"),
+    ("counterfactual/mean_abs_score_change", "CF score change ↓", "units"),
+    ("counterfactual/group_gap", "group gap ↓", "point"),
+    ("calibration/brier", "Brier ↓", "units"),
+    ("calibration/ece", "ECE ↓", "point"),
 )
-
-
 
 
 def part_of(column: str) -> tuple[str, str]:
@@ -133,10 +133,23 @@ def difference(method: str, column: str, kind: str, per_seed: list[dict[str, Mea
     return paired_effect([seed_difference(a, b) for a, b in tables], len(tables[0][0].ids))
 
 
+def value(measured: Measured, column: str, kind: str) -> float:
+    """A column's value for one method and seed: from its units where it has them."""
+    key, metric = part_of(column)
+    table = measured.units.get(key)
+    if kind == "units" and table is not None and metric in table.ratios:
+        return float(table.ratio(np.ones((1, len(table.ids))), metric)[0])
+    return measured.metrics.get(column, math.nan)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
 def all_columns(task: Task) -> list[tuple[str, str, str]]:
-    columns = [(f"{name}/accuracy", f"{name} acc", "units") for name in task.tests]
+    columns = [(f"{name}/accuracy", f"{name} acc ↑", "units") for name in task.tests]
     if task.pairs:
-        columns.append(("contrast_consistency", "contrast consistency", "units"))
+        columns.append(("contrast_consistency", "contrast consistency ↑", "units"))
     return columns + list(COLUMNS)
 
 
@@ -144,9 +157,7 @@ def summarize(per_seed: list[dict[str, Measured]], task: Task) -> dict[str, Any]
     """Absolute values (mean and std over seeds) and paired differences from the last weights."""
     columns = all_columns(task)
     methods = [m for m, _ in METHODS if all(m in seed for seed in per_seed)]
-    absolute = {m: {c: {"mean": float(np.mean([s[m].metrics.get(c, math.nan) for s in per_seed])),
-                        "std": float(np.std([s[m].metrics.get(c, math.nan) for s in per_seed]))}
-                    for c, _, _ in columns} for m in methods}
+    absolute = {m: {c: spread([value(s[m], c, kind) for s in per_seed]) for c, _, kind in columns} for m in methods}
     for m in methods:
         absolute[m]["seconds"] = {"mean": float(np.mean([s[m].seconds for s in per_seed])), "std": 0.0}
     differences = {m: {c: difference(m, c, kind, per_seed) for c, _, kind in columns} for m in methods[1:]}
