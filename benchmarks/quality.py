@@ -31,8 +31,8 @@ resolve (80% power). Group gap and ECE differences are given as points: the proj
 checks found no bootstrap interval of a maximum or of a plug-in ECE that keeps its coverage.
 
 Run alone (it times itself):
-    python benchmarks/quality.py --task cad       (5 seeds, under 60 minutes on 2 CPU cores)
-    python benchmarks/quality.py --task hindi
+    python benchmarks/quality.py --task cad       (5 seeds, about 80 minutes on 2 CPU cores)
+    python benchmarks/quality.py --task hindi     (5 seeds, aimed at under 60 minutes)
     python benchmarks/quality.py --task cad --smoke --seeds 0   (tiny sizes, for the tests)
 """
 
@@ -59,13 +59,12 @@ from quality_runs import (
     CLP_WEIGHTS,
     DATA,
     SHORT_HORIZON,
+    TASKS,
     Measured,
     Measurer,
     SeedRuns,
     Task,
-    cad_task,
     code_digest,
-    hindi_task,
     load_seed,
     save_seed,
 )
@@ -243,7 +242,7 @@ def plot(summary: dict[str, Any], task: Task, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=["cad", "hindi"], default="cad")
+    parser.add_argument("--task", choices=sorted(TASKS), default="cad")
     parser.add_argument("--data", type=Path, default=DATA, help="the shared data folder (default ../shared/data)")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--attack-examples", type=int, default=100, help="texts attacked per method and seed")
@@ -258,7 +257,7 @@ def main() -> None:
     limits: dict[str, int | None] = {"train": 64, "dev": 16, "test": 24} if args.smoke else {}
     if not (args.data / {"cad": "cad-sentiment", "hindi": "hindi-product-reviews"}[args.task]).is_dir():
         raise SystemExit(f"the {args.task} data is not under {args.data}; pass --data")
-    task = (cad_task if args.task == "cad" else hindi_task)(args.data, limits, args.smoke)
+    task = TASKS[args.task](args.data, limits, args.smoke)
     seeds = [int(s) for s in args.seeds.split(",")]
     attack_examples = min(args.attack_examples, 4) if args.smoke else args.attack_examples
     measure = Measurer(task, attack_examples)
@@ -269,7 +268,7 @@ def main() -> None:
     name = f"quality-{args.task}" + ("-smoke" if args.smoke else "")
     seed_folder = args.output_dir / f"{name}-seeds"
     seed_folder.mkdir(parents=True, exist_ok=True)
-    digest = code_digest()
+    digest = code_digest(args.task)
     try:
         for seed in seeds:
             path = seed_folder / f"seed{seed}.json"
