@@ -8,6 +8,7 @@ if TYPE_CHECKING:
     from hf_wavg.averager import WeightAverager
     from hf_wavg.averaging import EMA, LAWA, SWA, AveragingStrategy, DecaySchedule
     from hf_wavg.callback import WAvgCallback
+    from hf_wavg.callback_group import WAvgCallbacks
     from hf_wavg.config import WAvgConfig
     from hf_wavg.params import select_tensors
     from hf_wavg.safety import SafetyConfig, SafetySuite
@@ -24,6 +25,7 @@ _EXPORTS = {
     "AveragingStrategy": "hf_wavg.averaging",
     "DecaySchedule": "hf_wavg.averaging",
     "WAvgCallback": "hf_wavg.callback",
+    "WAvgCallbacks": "hf_wavg.callback_group",
     "WAvgConfig": "hf_wavg.config",
     "select_tensors": "hf_wavg.params",
     "SafetyConfig": "hf_wavg.safety",
@@ -45,6 +47,7 @@ __all__ = [
     "AveragingStrategy",
     "DecaySchedule",
     "WAvgCallback",
+    "WAvgCallbacks",
     "WAvgConfig",
     "WAvgTrainer",
     "SafetyConfig",

@@ -28,6 +28,7 @@ from hf_wavg.averager import WeightAverager
 from hf_wavg.averaging.strategies import EMA
 from hf_wavg.averaging.window import AveragingWindow, averaging_window, update_steps
 from hf_wavg.config import WAvgConfig
+from hf_wavg.records import AVERAGES_DIR, STATE_FILE
 from hf_wavg.safety.config import SafetyConfig
 from hf_wavg.safety_monitor import SafetyData, SafetyMonitor, safety_data_from
 from hf_wavg.state_io import AveragerStateError, has_state
@@ -70,6 +71,9 @@ class WAvgCallback(TrainerCallback):
         safety_dataset: texts (and labels) for the suite: a ``datasets.Dataset`` or a dict of
             columns named as in ``safety_config``.
         tokenizer: the model's tokenizer; by default the Trainer's ``processing_class``.
+        name: this average's name when a Trainer keeps several (see :class:`WAvgCallbacks`):
+            its state goes to ``<checkpoint>/wavg_averages/<name>/`` and its safety metrics
+            are logged as ``safety/<name>/...``.
     """
 
     def __init__(
@@ -79,8 +83,10 @@ class WAvgCallback(TrainerCallback):
         safety_config: SafetyConfig | None = None,
         safety_dataset: Any = None,
         tokenizer: Any = None,
+        name: str | None = None,
     ) -> None:
         self.config = config or WAvgConfig()
+        self.name = name
         self.resume_from_checkpoint = resume_from_checkpoint
         self.averager: WeightAverager | None = None
         self.run_config = self.config  # with horizon resolved once the run's length is known
@@ -93,7 +99,7 @@ class WAvgCallback(TrainerCallback):
         self._step_signal: tuple[Any, list[float]] | None = None
         self._float32_weights = False
         self._saved_step: int | None = None
-        self.safety_monitor = SafetyMonitor(safety_config) if safety_config is not None else None
+        self.safety_monitor = SafetyMonitor(safety_config, name) if safety_config is not None else None
         self.safety_data: SafetyData = (
             safety_data_from(safety_dataset, safety_config) if safety_config is not None else (None, None, None)
         )
@@ -104,6 +110,10 @@ class WAvgCallback(TrainerCallback):
         self.log_fn: Callable[[dict[str, float]], None] | None = None
         # Sends each safety evaluation's table and plot to the experiment trackers (WAvgTrainer sets it).
         self.publish_fn: Callable[[SafetyMonitor, int], None] | None = None
+
+    def state_dir(self, checkpoint: str) -> str:
+        """Where this average's state lies in ``checkpoint``."""
+        return checkpoint if self.name is None else os.path.join(checkpoint, AVERAGES_DIR, self.name)
 
     def should_update(self, step: int) -> bool:
         return step in self.update_steps
@@ -190,23 +200,24 @@ class WAvgCallback(TrainerCallback):
         guessed = checkpoint is None
         if checkpoint is None:
             checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if not has_state(checkpoint):
+        state_dir = self.state_dir(checkpoint)
+        if not has_state(state_dir):
             raise AveragerStateError(
-                f"training resumes at step {state.global_step}, but {checkpoint} holds no averager state "
-                "(wavg_state.json); pass WAvgConfig(restart_average_on_resume=True) to start a new average"
+                f"training resumes at step {state.global_step}, but {state_dir} holds no averager state "
+                f"({STATE_FILE}); pass WAvgConfig(restart_average_on_resume=True) to start a new average"
             )
         # A Trainer does not tell its callbacks which folder it resumed from: check that the
         # state was saved beside the weights the Trainer loaded (and, for a guessed folder,
         # its trainer state) rather than hand back another run's average.
-        same_weights = self.averager.holds_weights_saved_with(checkpoint)
+        same_weights = self.averager.holds_weights_saved_with(state_dir)
         if same_weights is False or (guessed and not _resumed_from(checkpoint, state)):
             raise AveragerStateError(
                 f"training resumes at step {state.global_step}, but not from {checkpoint}: its averager state was "
                 "saved beside other weights than the ones the Trainer loaded. Pass the folder the Trainer resumes "
                 "from as WAvgCallback(resume_from_checkpoint=...)"
             )
-        self.averager.load(checkpoint)
-        logger.info("hf_wavg: restored the average of %d snapshots from %s", self.averager.num_updates, checkpoint)
+        self.averager.load(state_dir)
+        logger.info("hf_wavg: restored the average of %d snapshots from %s", self.averager.num_updates, state_dir)
 
     def on_step_end(
         self,
@@ -235,7 +246,7 @@ class WAvgCallback(TrainerCallback):
         if updated:
             every = self.safety_monitor.config.safety_every_updates if self.safety_monitor else 0
             if every and self.averager.num_updates % every == 0:
-                self._run_safety(args, state, kwargs.get("model"), kwargs.get("processing_class"), None)
+                self.run_safety(args, state, kwargs.get("model"), kwargs.get("processing_class"), None)
 
     def note_step_signal(self, grad_norm: Any, learning_rates: list[float]) -> None:
         """The gradient norm (a float or a 0-d tensor) and learning rates of the coming
@@ -271,10 +282,12 @@ class WAvgCallback(TrainerCallback):
             return
         if monitor.last_step == state.global_step:  # one run per step, even for a dict of eval sets
             return
-        self._run_safety(args, state, kwargs.get("model"), kwargs.get("processing_class"), metrics)
+        self.run_safety(args, state, kwargs.get("model"), kwargs.get("processing_class"), metrics)
 
-    def _run_safety(self, args: TrainingArguments, state: TrainerState, model: nn.Module | None,
-                    processing_class: Any, metrics: dict[str, float] | None) -> None:
+    def run_safety(self, args: TrainingArguments, state: TrainerState, model: nn.Module | None,
+                   processing_class: Any, metrics: dict[str, float] | None) -> None:
+        """Run the safety suite now on the average (and the raw weights in the model, with
+        ``evaluate_raw``); its metrics join ``metrics`` and the log."""
         assert self.safety_monitor is not None
         tokenizer = self.tokenizer or processing_class
         if model is None or tokenizer is None:
@@ -314,7 +327,7 @@ class WAvgCallback(TrainerCallback):
         """Write the averager state into ``checkpoint_dir``; every process calls this (a
         sharded average saves each rank's pieces), the main one writes the record."""
         if self.averager is not None and self._saved_step != step:
-            self.averager.save(checkpoint_dir, write_record=args.should_save)
+            self.averager.save(self.state_dir(checkpoint_dir), write_record=args.should_save)
             self._saved_step = step
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -330,8 +343,8 @@ class WAvgCallback(TrainerCallback):
         if args.load_best_model_at_end and best is not None:
             # The Trainer has just loaded the best checkpoint's raw weights; the average
             # that was evaluated there comes with them.
-            if has_state(best):
-                self.averager.load(best)
+            if has_state(self.state_dir(best)):
+                self.averager.load(self.state_dir(best))
             else:
                 logger.warning("hf_wavg: best checkpoint %s holds no averager state; keeping the last average", best)
         if self.run_config.load_average_at_end and self.averager.has_average:

@@ -30,6 +30,11 @@ _SETTING_ORDER = ("method", *CARD_KEYS, "num_updates", "num_skipped_non_finite",
                   "num_elements")
 
 
+def _is_timing(metric: str) -> bool:
+    """An evaluation's timing (runtime, samples per second), not a result of the model."""
+    return metric in ("runtime", "epoch") or metric.endswith(("_runtime", "_per_second"))
+
+
 def _metric_rows(evaluation: dict[str, Any]) -> list[str]:
     """``| metric | averaged | raw |`` rows from one evaluation's log entry."""
     rows = []
@@ -37,7 +42,7 @@ def _metric_rows(evaluation: dict[str, Any]) -> list[str]:
         if not key.startswith("eval_") or key.startswith("eval_raw_") or not isinstance(value, (int, float)):
             continue
         metric = key.removeprefix("eval_")
-        if metric.endswith(("_runtime", "_per_second")):
+        if _is_timing(metric):
             continue
         raw = evaluation.get(f"eval_raw_{metric}")
         raw_text = f"{raw:.4f}" if isinstance(raw, (int, float)) else "not evaluated"
@@ -76,7 +81,37 @@ def averaging_card_section(summary: dict[str, Any]) -> str:
     rows = _metric_rows(summary.get("last_evaluation", {}))
     if rows:
         lines += ["", "Last evaluation:", "", "| metric | averaged weights | raw weights |", "|---|---|---|", *rows]
+    if summary.get("averages"):
+        lines += ["", *_averages_table(summary)]
     return "\n".join(lines) + "\n"
+
+
+def _averages_table(summary: dict[str, Any]) -> list[str]:
+    """Lines comparing the named averages kept side by side in one run: each one's span, last
+    metrics, and safety change from the raw weights (paired interval), the saved one marked."""
+    averages: dict[str, dict[str, Any]] = summary["averages"]
+    metrics = sorted({key for entry in averages.values() for key in entry.get("metrics", {})
+                      if not _is_timing(key)})
+    safety = [(key, title) for key, title in HEADLINE_METRICS
+              if any(key in entry.get("safety_delta", {}) for entry in averages.values())]
+    header = ["average", "method", "steps averaged", *metrics, *(f"{title}: average − raw" for _, title in safety)]
+    lines = [f"Averages kept side by side ({summary.get('selection', 'named')} selection; the saved one in bold):", "",
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name, entry in averages.items():
+        window = entry.get("window") or {}
+        span = f"{window['first_step']}-{window['last_step']}" if window.get("snapshots") else "none yet"
+        cells = [f"**{name}**" if name == summary.get("selected") else name,
+                 str((entry.get("averager") or entry.get("config", {})).get("method", "")), span]
+        cells += [_number(entry.get("metrics", {}).get(key)) for key in metrics]
+        for key, _ in safety:
+            delta = entry.get("safety_delta", {}).get(key)
+            cells.append(f"{delta['value']:+.3f} [{delta['ci_low']:+.3f}, {delta['ci_high']:+.3f}]" if delta else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    raw = {metric: summary.get("last_evaluation", {}).get(f"eval_raw_{metric}") for metric in metrics}
+    if any(_finite(value) for value in raw.values()):
+        lines.append("| raw weights | | | " + " | ".join(_number(raw[m]) for m in metrics)
+                     + " |" + " |" * len(safety))
+    return lines
 
 
 def _number(value: Any) -> str:

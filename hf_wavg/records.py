@@ -5,6 +5,8 @@ and the Hub upload import them without loading torch."""
 # In every checkpoint folder: the averager's state.
 STATE_FILE = "wavg_state.json"  # the record: settings, counters, and the tensor files it lists
 STATE_TENSOR_PREFIX = "wavg_state-"  # its tensor files: wavg_state-<rank>-of-<world>-<token>.safetensors
+# With several named averages, each keeps its state in a folder of its own: wavg_averages/<name>/.
+AVERAGES_DIR = "wavg_averages"
 
 # Beside saved weights: how they were made. Each is rendered by hf_wavg.model_card.
 AVERAGING_FILE = "wavg_averaging.json"  # WAvgTrainer.averaging_summary(): the running average's settings
@@ -19,3 +21,12 @@ SAFETY_PLOT_FILE = "safety_metrics.png"
 # Keys of the safety report's history: which weights each entry measured.
 SAFETY_WEIGHTS = ("average", "raw")
 SAFETY_DELTA = "delta"  # entries holding average minus raw, paired
+
+
+def named_file(file_name: str, name: str | None) -> str:
+    """``file_name`` for the named average ``name`` (``safety_report-ema.json``); unchanged
+    for None, the single average."""
+    if name is None:
+        return file_name
+    stem, dot, extension = file_name.rpartition(".")
+    return f"{stem}-{name}{dot}{extension}"

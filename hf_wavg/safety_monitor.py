@@ -15,7 +15,7 @@ from torch import nn
 
 from hf_wavg.model_card import format_table, headline_rows, safety_card_section
 from hf_wavg.records import SAFETY_DELTA as DELTA
-from hf_wavg.records import SAFETY_PLOT_FILE, SAFETY_REPORT_FILE
+from hf_wavg.records import SAFETY_PLOT_FILE, SAFETY_REPORT_FILE, named_file
 from hf_wavg.records import SAFETY_WEIGHTS as WEIGHTS
 from hf_wavg.safety.catalog import HEADLINE_METRICS
 from hf_wavg.safety.config import SafetyConfig
@@ -71,10 +71,13 @@ def safety_data_from(dataset: Any, config: SafetyConfig) -> SafetyData:
 
 
 class SafetyMonitor:
-    """Keeps one :class:`SafetySuite` and the history of its runs over training."""
+    """Keeps one :class:`SafetySuite` and the history of its runs over training. ``name``
+    (one of several named averages) goes into its logged keys (``safety/<name>/...``), its
+    report's file name and its table's title."""
 
-    def __init__(self, config: SafetyConfig | None = None) -> None:
+    def __init__(self, config: SafetyConfig | None = None, name: str | None = None) -> None:
         self.config = config or SafetyConfig()
+        self.name = name
         self.suite = SafetySuite(self.config)
         self.history: list[dict[str, Any]] = []
         self.last_step: int | None = None
@@ -92,8 +95,8 @@ class SafetyMonitor:
         average exists, or when they already are) and, with ``include_raw`` or without an
         average, on the raw weights; when both ran, their paired difference (average minus
         raw, same texts, perturbations, attack seeds and sets). Returns the
-        :func:`loggable` metrics as ``safety/<average|raw|delta>/<metric>``; the history (and
-        the report) keeps every metric."""
+        :func:`loggable` metrics as ``safety/<average|raw|delta>/<metric>`` (with a name,
+        ``safety/<name>/...``); the history (and the report) keeps every metric."""
         texts, labels, groups = data
         runs: list[tuple[str, AbstractContextManager]] = []
         if include_raw or averaged is None:
@@ -111,7 +114,8 @@ class SafetyMonitor:
             results[DELTA] = SafetyResult(deltas)
         for weights, result in results.items():
             self.history.append({"step": step, "weights": weights, "metrics": result.metrics, "notes": result.notes})
-            prefix = "safety" if weights == DELTA else f"safety/{weights}"
+            prefix = "safety" if self.name is None else f"safety/{self.name}"
+            prefix = prefix if weights == DELTA else f"{prefix}/{weights}"
             logged.update({f"{prefix}/{key}": value for key, value in loggable(result.metrics).items()})
         return logged
 
@@ -120,7 +124,8 @@ class SafetyMonitor:
         average, raw, and average minus raw with its paired interval."""
         step = self.last_step if step is None else step
         entries = [e for e in self.history if e["step"] == step]
-        return format_table(entries, self.config.safety_confidence_level, title=f"hf_wavg safety at step {step}")
+        named = "" if self.name is None else f" ({self.name})"
+        return format_table(entries, self.config.safety_confidence_level, title=f"hf_wavg safety{named} at step {step}")
 
     def headline_table(self, step: int | None = None) -> tuple[list[str], list[list[str]]]:
         """(header, rows) of :meth:`console_table`, for loggers that take tables."""
@@ -129,9 +134,11 @@ class SafetyMonitor:
 
     # -- outputs -----------------------------------------------------------------------------
 
-    def write_report(self, directory: str) -> str:
+    def write_report(self, directory: str, as_saved_model: bool = False) -> str:
+        """The history as JSON in ``directory``: ``safety_report.json``, or for a named average
+        ``safety_report-<name>.json`` unless ``as_saved_model`` (it describes the saved weights)."""
         os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, SAFETY_REPORT_FILE)
+        path = os.path.join(directory, SAFETY_REPORT_FILE if as_saved_model else named_file(SAFETY_REPORT_FILE, self.name))
         report = {"config": self.config.to_dict(), "history": [
             {**entry, "metrics": {k: (v if math.isfinite(v) else None) for k, v in entry["metrics"].items()}}
             for entry in self.history

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -21,11 +22,13 @@ from transformers.utils.notebook import NotebookProgressCallback
 from hf_wavg.averager import WeightAverager
 from hf_wavg.batchnorm import recomputed_batchnorm
 from hf_wavg.callback import WAvgCallback, saved_trainer_state
+from hf_wavg.callback_group import WAvgCallbacks
 from hf_wavg.card_results import add_eval_results
 from hf_wavg.config import WAvgConfig
 from hf_wavg.loggers import publish_safety
 from hf_wavg.model_card import PLOT_MARKDOWN, averaging_card_section
-from hf_wavg.records import AVERAGING_FILE, SAFETY_PLOT_FILE
+from hf_wavg.records import AVERAGING_FILE, SAFETY_DELTA, SAFETY_PLOT_FILE
+from hf_wavg.safety.catalog import HEADLINE_METRICS
 from hf_wavg.safety.config import SafetyConfig
 from hf_wavg.safety.logit_pairing import logit_pairing_penalty
 from hf_wavg.safety_monitor import SafetyMonitor
@@ -33,6 +36,11 @@ from hf_wavg.state_io import has_state
 
 logger = logging.getLogger(__name__)
 CONSOLE_CALLBACKS = (PrinterCallback, ProgressCallback, NotebookProgressCallback)
+BEST = "best"  # wavg_selection: the average that scores best on metric_for_best_model
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class WAvgTrainer(Trainer):
@@ -56,28 +64,48 @@ class WAvgTrainer(Trainer):
       table in the model card; ``safety_dataset`` (default: the evaluation dataset) gives
       its texts. ``safety_logit_pairing_weight`` adds the counterfactual logit pairing
       penalty to the training loss.
+
+    Several averages side by side: ``wavg_config`` may map names to configs, e.g.
+    ``{"ema": WAvgConfig(), "swa": WAvgConfig(method="swa", start_fraction=0.5)}``. Each is
+    evaluated as ``eval_<name>_*`` (its safety metrics as ``safety/<name>/*``, paired against
+    the same raw weights), its state kept in ``<checkpoint>/wavg_averages/<name>/`` and
+    resumed, and the card compares them. ``wavg_selection`` names the one that ``eval_*``
+    metrics (hence best-model selection and early stopping), ``predict()``, ``save_model()``
+    and the card use: a name (default: the first), or ``"best"``, the one scoring best on
+    ``metric_for_best_model`` at each evaluation (it is evaluated once more as ``eval_*``).
     """
 
     def __init__(
         self,
         *args: Any,
-        wavg_config: WAvgConfig | None = None,
+        wavg_config: WAvgConfig | Mapping[str, WAvgConfig] | None = None,
         safety_config: SafetyConfig | None = None,
         safety_dataset: Any = None,
+        wavg_selection: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.wavg_config = wavg_config or WAvgConfig()
         self.safety_config = safety_config
-        self.wavg_callback = WAvgCallback(
-            self.wavg_config,
-            safety_config=safety_config,
-            safety_dataset=safety_dataset if safety_dataset is not None else self.eval_dataset,
-            tokenizer=self.processing_class,
-        )
-        self.wavg_callback.log_fn = self.log_to_integrations
-        self.wavg_callback.publish_fn = lambda monitor, step: publish_safety(self.callback_handler.callbacks, monitor, step)
-        self.add_callback(self.wavg_callback)
+        safety_dataset = safety_dataset if safety_dataset is not None else self.eval_dataset
+        if isinstance(wavg_config, Mapping):
+            group = WAvgCallbacks(wavg_config, safety_config, safety_dataset, self.processing_class)
+            self._averages: dict[str | None, WAvgCallback] = dict(group.callbacks)
+            self.wavg_selection: str | None = self._checked_selection(wavg_selection)
+            self.wavg_config = next(iter(wavg_config.values())) if self.wavg_selection == BEST \
+                else wavg_config[self.wavg_selection]
+            self.add_callback(group)
+        else:
+            if wavg_selection is not None:
+                raise ValueError("wavg_selection chooses among named averages: pass wavg_config as a dict of them")
+            self.wavg_config = wavg_config or WAvgConfig()
+            self.wavg_selection = None
+            self._averages = {None: WAvgCallback(self.wavg_config, safety_config=safety_config,
+                                                 safety_dataset=safety_dataset, tokenizer=self.processing_class)}
+            self.add_callback(self._averages[None])
+        for callback in self._averages.values():
+            callback.log_fn = self.log_to_integrations
+            callback.publish_fn = lambda monitor, step: publish_safety(self.callback_handler.callbacks, monitor, step)
+        self._training_ended = False
         self._saving_checkpoint = False
         self._unaveraged_warned_at: tuple[int, str] | None = None
         self._pairing_rng = random.Random(safety_config.safety_seed if safety_config else 0)
@@ -94,6 +122,58 @@ class WAvgTrainer(Trainer):
                 callback.on_log(self.args, self.state, self.control, logs=logs, model=self.model,
                                 processing_class=self.processing_class)
 
+    def _checked_selection(self, selection: str | None) -> str:
+        names = [name for name in self._averages if name is not None]
+        if selection is None:
+            return names[0]
+        if selection == BEST:
+            if not self.args.metric_for_best_model:
+                raise ValueError("wavg_selection='best' picks by metric_for_best_model; set it in TrainingArguments")
+            return selection
+        if selection not in names:
+            raise ValueError(f"wavg_selection={selection!r} is none of the averages {names} (or 'best')")
+        return selection
+
+    @property
+    def average_names(self) -> list[str]:
+        """The names of the averages kept side by side (empty for a single average)."""
+        return [name for name in self._averages if name is not None]
+
+    @property
+    def wavg_callback(self) -> WAvgCallback:
+        """The callback of the selected average (see :meth:`selected_average`)."""
+        return self._averages[self.selected_average()]
+
+    def wavg_callback_of(self, name: str) -> WAvgCallback:
+        """The callback keeping the named average ``name``."""
+        if name not in self.average_names:
+            raise KeyError(f"no average named {name!r}; the averages are {self.average_names}")
+        return self._averages[name]
+
+    def selected_average(self) -> str | None:
+        """The name of the average that ``eval_*``, ``predict()``, ``save_model()`` and the
+        card use (None for a single average). With ``wavg_selection="best"``: the best one at
+        the evaluation of the loaded best checkpoint once training has ended with
+        ``load_best_model_at_end``, else at the last evaluation (the first before any)."""
+        if self.wavg_selection != BEST:
+            return self.wavg_selection
+        step = self.state.best_global_step if self._training_ended and self.args.load_best_model_at_end else None
+        evaluations = [log for log in self.state.log_history if "step" in log and any(k.startswith("eval_") for k in log)]
+        if step is None and evaluations:
+            step = evaluations[-1]["step"]
+        logged = {key: value for log in evaluations if log["step"] == step for key, value in log.items()}
+        return self._best_of(logged, "eval") or self.average_names[0]
+
+    def _best_of(self, metrics: dict[str, Any], prefix: str) -> str | None:
+        """The named average scoring best on ``metric_for_best_model`` in ``metrics`` (the
+        first of equals), or None when none is scored."""
+        metric = (self.args.metric_for_best_model or "").removeprefix(f"{prefix}_").removeprefix("eval_")
+        scores = {name: metrics.get(f"{prefix}_{name}_{metric}") for name in self.average_names}
+        scores = {name: float(v) for name, v in scores.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if not scores:
+            return None
+        return (max if self.args.greater_is_better else min)(scores, key=scores.__getitem__)
+
     @property
     def safety_monitor(self) -> SafetyMonitor | None:
         return self.wavg_callback.safety_monitor
@@ -109,12 +189,15 @@ class WAvgTrainer(Trainer):
         return self.averager is not None and self.averager.is_swapped_in
 
     @contextmanager
-    def averaged_weights(self) -> Iterator[nn.Module]:
-        """The model with the average swapped in (and BatchNorm statistics recomputed for it
-        when configured); the raw weights come back bit for bit afterwards."""
-        recompute = self.wavg_config.recompute_batchnorm and not self._average_swapped_in()
-        with self.wavg_callback.averaged_weights() as model:
-            context = recomputed_batchnorm(model, self._training_batches(), self.wavg_config.batchnorm_batches) \
+    def averaged_weights(self, name: str | None = None) -> Iterator[nn.Module]:
+        """The model with the average (the selected one, or the one named ``name``) swapped in,
+        with BatchNorm statistics recomputed for it when configured; the raw weights come
+        back bit for bit afterwards."""
+        callback = self.wavg_callback if name is None else self.wavg_callback_of(name)
+        config = callback.config
+        recompute = config.recompute_batchnorm and not (callback.averager is not None and callback.averager.is_swapped_in)
+        with callback.averaged_weights() as model:
+            context = recomputed_batchnorm(model, self._training_batches(), config.batchnorm_batches) \
                 if recompute else nullcontext()
             with context:
                 yield model
@@ -128,8 +211,12 @@ class WAvgTrainer(Trainer):
             resume_from_checkpoint = self._last_resumable_checkpoint()
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
-        self.wavg_callback.resume_from_checkpoint = resume_from_checkpoint or None
-        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+        for callback in self._averages.values():
+            callback.resume_from_checkpoint = resume_from_checkpoint or None
+        self._training_ended = False
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+        self._training_ended = True
+        return output
 
     def _last_resumable_checkpoint(self) -> str | None:
         """The newest complete checkpoint: its trainer state (which the Trainer writes last)
@@ -142,7 +229,7 @@ class WAvgTrainer(Trainer):
             if saved_trainer_state(checkpoint) is None:
                 logger.warning("hf_wavg: %s has no readable %s (an interrupted save?); looking at older checkpoints",
                                checkpoint, TRAINER_STATE_NAME)
-            elif needs_average and not has_state(checkpoint):
+            elif needs_average and not all(has_state(c.state_dir(checkpoint)) for c in self._averages.values()):
                 logger.warning("hf_wavg: %s holds no averager state (an interrupted save?); looking at older "
                                "checkpoints", checkpoint)
             else:
@@ -155,19 +242,64 @@ class WAvgTrainer(Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
-        if self.safety_monitor is not None:
-            self.safety_monitor.last_step = None  # each evaluate() call runs the suite once
+        for callback in self._averages.values():
+            if callback.safety_monitor is not None:
+                callback.safety_monitor.last_step = None  # each evaluate() call runs the suite once
         # Mirror Trainer's handling of a dict of datasets here, so that each one is evaluated
         # raw and averaged once, and raw metrics are always named "<prefix>_raw_...".
         override = eval_dataset is not None
         datasets = eval_dataset if override else self.eval_dataset
-        if not isinstance(datasets, dict):
-            return self._evaluate_raw_and_average(eval_dataset, ignore_keys, metric_key_prefix, "")
+        parts = [(dataset if override else name, f"_{name}") for name, dataset in datasets.items()] \
+            if isinstance(datasets, dict) else [(eval_dataset, "")]
+        if self.wavg_selection is not None:
+            return self._evaluate_named_averages(parts, ignore_keys, metric_key_prefix)
         metrics: dict[str, float] = {}
-        for name, dataset in datasets.items():
-            metrics.update(
-                self._evaluate_raw_and_average(dataset if override else name, ignore_keys, metric_key_prefix, f"_{name}")
-            )
+        for dataset, suffix in parts:
+            metrics.update(self._evaluate_raw_and_average(dataset, ignore_keys, metric_key_prefix, suffix))
+        return metrics
+
+    def _evaluate_named_averages(self, parts: list[tuple[Any, str]], ignore_keys: list[str] | None,
+                                 prefix: str) -> dict[str, float]:
+        """Raw weights as ``<prefix>_raw_*``, each named average as ``<prefix>_<name>_*``,
+        and the selected one last as ``<prefix>_*`` (callbacks such as early stopping read
+        the last evaluation's metrics)."""
+        metrics: dict[str, float] = {}
+
+        def evaluate_all(key_prefix: str) -> None:
+            for dataset, suffix in parts:
+                metrics.update(super(WAvgTrainer, self).evaluate(dataset, ignore_keys, f"{key_prefix}{suffix}"))
+
+        ready = [name for name in self.average_names if self._averages[name].averager is not None
+                 and self._averages[name].averager.has_average]
+        if not self.wavg_config.evaluate_average or not ready:
+            if self.wavg_config.evaluate_average:
+                self._warn_unaveraged(f"{prefix}_* metrics are the raw weights'")
+            evaluate_all(prefix)
+            return metrics
+        # The safety suite first, while the raw weights are in the model: every average is
+        # paired with the same raw weights.
+        for callback in self._averages.values():
+            monitor = callback.safety_monitor
+            if monitor is not None and not monitor.config.safety_every_updates and monitor.last_step is None:
+                callback.run_safety(self.args, self.state, self.model, self.processing_class, metrics)
+        if self.wavg_config.evaluate_raw:
+            evaluate_all(f"{prefix}_raw")
+        for name in ready:
+            if name != self.wavg_selection:
+                with self.averaged_weights(name):
+                    evaluate_all(f"{prefix}_{name}")
+        chosen = self.wavg_selection
+        if chosen == BEST:
+            chosen = self._best_of(metrics, prefix)
+            if chosen is None:
+                raise ValueError(f"wavg_selection='best' picks by metric_for_best_model "
+                                 f"({self.args.metric_for_best_model}), which the evaluation did not report")
+        if chosen in ready:
+            with self.averaged_weights(chosen):
+                evaluate_all(prefix)
+        else:
+            self._warn_unaveraged(f"{prefix}_* metrics are the raw weights'")
+            evaluate_all(prefix)
         return metrics
 
     def _evaluate_raw_and_average(
@@ -221,7 +353,8 @@ class WAvgTrainer(Trainer):
         # step kept the weights finite, so the average need not read them twice.
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         rates = [group.get("lr", float("nan")) for group in self.optimizer.param_groups]
-        self.wavg_callback.note_step_signal(grad_norm, rates)
+        for callback in self._averages.values():
+            callback.note_step_signal(grad_norm, rates)
         return grad_norm
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -237,7 +370,8 @@ class WAvgTrainer(Trainer):
             super().save_model(output_dir, _internal_call)
             # The averager state goes in with the weights, before the Trainer rotates older
             # checkpoints away: a failure from here on leaves the previous one whole.
-            self.wavg_callback.save_state(output_dir or self.args.output_dir, self.args, self.state.global_step)
+            for callback in self._averages.values():
+                callback.save_state(output_dir or self.args.output_dir, self.args, self.state.global_step)
             return
         save_average = self.wavg_config.save_average
         if save_average and not self._average_ready():
@@ -249,8 +383,11 @@ class WAvgTrainer(Trainer):
             target = output_dir or self.args.output_dir
             with open(os.path.join(target, AVERAGING_FILE), "w", encoding="utf-8") as handle:
                 json.dump(self.averaging_summary(), handle, indent=2)
+            for callback in self._averages.values():  # each named average's, for comparison
+                if callback.name is not None and callback.safety_monitor is not None and callback.safety_monitor.history:
+                    callback.safety_monitor.write_report(target)
             if self.safety_monitor is not None and self.safety_monitor.history:
-                self.safety_monitor.write_report(target)
+                self.safety_monitor.write_report(target, as_saved_model=True)
                 self.safety_monitor.plot(target)
 
     def _refuse_non_finite(self) -> None:
@@ -266,20 +403,53 @@ class WAvgTrainer(Trainer):
         """How the saved weights were averaged (or why they are not an average), with the
         last raw and averaged metrics."""
         reason = self.unaveraged_reason()
-        summary: dict[str, Any] = {"averaged": reason is None, "config": self.wavg_config.to_dict()}
+        callback = self.wavg_callback  # the selected average's
+        summary: dict[str, Any] = {"averaged": reason is None, "config": callback.config.to_dict()}
         if reason is not None:
             summary["not_averaged_because"] = reason
-        if self.averager is not None:
-            summary["averager"] = self.averager.describe()
-            summary["window"] = self.wavg_callback.window().describe()
-            if self.wavg_callback.run_config != self.wavg_config:  # a horizon set from the run's length
-                summary["resolved_config"] = self.wavg_callback.run_config.to_dict()
+        if callback.averager is not None:
+            summary["averager"] = callback.averager.describe()
+            summary["window"] = callback.window().describe()
+            if callback.run_config != callback.config:  # a horizon set from the run's length
+                summary["resolved_config"] = callback.run_config.to_dict()
         evaluations = [log for log in self.state.log_history if any(k.startswith("eval_") for k in log)]
+        last: dict[str, Any] = {}
         if evaluations:
             # Raw and averaged metrics of one evaluation are logged as separate entries.
             step = evaluations[-1].get("step")
-            summary["last_evaluation"] = {k: v for log in evaluations if log.get("step") == step for k, v in log.items()}
+            last = {k: v for log in evaluations if log.get("step") == step for k, v in log.items()}
+        named = {name: f"eval_{name}_" for name in self.average_names}
+        if last:
+            summary["last_evaluation"] = {k: v for k, v in last.items() if not k.startswith(tuple(named.values()))}
+        if named:
+            summary["selected"] = self.selected_average()
+            summary["selection"] = (f"best {self.args.metric_for_best_model} at each evaluation"
+                                    if self.wavg_selection == BEST else "named")
+            summary["averages"] = {name: self._named_summary(name, last, key_prefix) for name, key_prefix in named.items()}
         return summary
+
+    def _named_summary(self, name: str, last: dict[str, Any], key_prefix: str) -> dict[str, Any]:
+        """One named average's settings, last metrics and last safety deltas."""
+        callback = self._averages[name]
+        entry: dict[str, Any] = {"config": callback.config.to_dict()}
+        if callback.averager is not None:
+            entry["averager"] = callback.averager.describe()
+            entry["window"] = callback.window().describe()
+        if self.wavg_selection == name:  # its metrics are the plain eval_* ones
+            key_prefix = "eval_"
+            last = {k: v for k, v in last.items() if not k.startswith(("eval_raw_", *(f"eval_{n}_" for n in self.average_names)))}
+        entry["metrics"] = {k.removeprefix(key_prefix): v for k, v in last.items() if k.startswith(key_prefix)}
+        monitor = callback.safety_monitor
+        deltas = next((e["metrics"] for e in reversed(monitor.history) if e["weights"] == SAFETY_DELTA), None) \
+            if monitor is not None else None
+        if deltas is not None:  # average minus raw, paired, at the last safety evaluation
+            entry["safety_delta"] = {
+                key: {part: deltas[f"delta/{key}{suffix}"] for part, suffix in (("value", ""), ("ci_low", "_ci_low"),
+                                                                                  ("ci_high", "_ci_high"))}
+                for key, _ in HEADLINE_METRICS
+                if all(_finite(deltas.get(f"delta/{key}{suffix}")) for suffix in ("", "_ci_low", "_ci_high"))
+            }
+        return entry
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         super().create_model_card(*args, **kwargs)

@@ -76,7 +76,7 @@ def make_trainer(model_path: str, output_dir: Path, config: WAvgConfig | None = 
     callbacks = overrides.pop("callbacks", None)
     compute_metrics = overrides.pop("compute_metrics", None)
     kwargs: dict[str, Any] = {"wavg_config": config} if issubclass(trainer_cls, WAvgTrainer) else {}
-    for name in ("safety_config", "safety_dataset"):
+    for name in ("safety_config", "safety_dataset", "wavg_selection"):
         if name in overrides:
             kwargs[name] = overrides.pop(name)
     return trainer_cls(
