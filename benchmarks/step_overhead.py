@@ -74,8 +74,10 @@ def timed(function: Callable[..., None], seconds: list[float]) -> Callable[..., 
     return wrapper
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def minilm_runs_setup(description: str) -> tuple[argparse.Namespace, str, Any, Dataset]:
+    """The command line of a benchmark that alternates MiniLM training runs, and what every
+    run shares: the parsed arguments, the model's path, its tokenizer and the tokenized data."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -85,7 +87,11 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     model_path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    data = dataset(tokenizer, args.max_length)
+    return args, model_path, tokenizer, dataset(tokenizer, args.max_length)
+
+
+def main() -> None:
+    args, model_path, tokenizer, data = minilm_runs_setup(__doc__)
 
     plain, averaged = [], []
     for _ in range(args.pairs):

@@ -35,6 +35,15 @@ def test_step_overhead_smoke(tmp_path, minilm_path):
     assert (tmp_path / "step_overhead-minilm-cpu.md").is_file()
 
 
+def test_named_averages_smoke(tmp_path, minilm_path):
+    out = run("named_averages.py", "--steps", "3", "--pairs", "1", "--output-dir", str(tmp_path))
+    assert "| 3 averages (EMA, EMA last half, SWA) |" in out
+    record = json.loads((tmp_path / "named_averages-minilm-cpu.json").read_text())
+    # Three float32 copies of the averaged weights against one, counted from the state.
+    one, three = (record[setup][0]["state_bytes"] for setup in ("1 average (EMA)", "3 averages (EMA, EMA last half, SWA)"))
+    assert three == 3 * one
+
+
 def test_safety_overhead_smoke(tmp_path, minilm_path):
     out = run("safety_overhead.py", "--smoke", "--data", str(tmp_path / "absent.tsv"), "--output-dir", str(tmp_path))
     assert "| demo sample" in out and "suite share" in out
