@@ -289,6 +289,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     summary = summarize(per_seed, task)
     total = sum(f["seed_seconds"] for f in facts)
+    each_seed = ", ".join(f"{f['seed_seconds'] / 60:.1f}" for f in facts)
     first = per_seed[0]["last"].metrics
     notes = (
         f"\n\n{task.description}: {len(task.train)} training texts cut to {task.max_length} tokens, "
@@ -298,8 +299,8 @@ def main() -> None:
         + f"; safety suite on the first test set: {sum(v for k, v in first.items() if k.startswith('perturbation/') and k.endswith('/applicable')):.0f} "
         f"perturbed texts, {attack_examples} attacked, {first.get('counterfactual/num_sets', math.nan):.0f} counterfactual sets. "
         f"Logit pairing applies to the {len(identity)} of {len(task.train)} training texts with a swappable "
-        f"identity term. {' '.join(n + '.' for n in task.notes)} {total / 60 / len(facts):.1f} min per seed, "
-        f"{total / 60:.0f} min in all.")
+        f"identity term. {''.join(n + '. ' for n in task.notes)}{total / 60 / len(facts):.1f} min per seed "
+        f"({each_seed}), {total / 60:.0f} min in all.")
     text = tables(summary, task) + notes
     print(text)
     plot(summary, task, args.output_dir / f"{name}.png")
