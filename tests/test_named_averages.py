@@ -1,4 +1,4 @@
-"""Several named averages in one WAvgTrainer run: each equals the same average kept alone,
+"""Several named averages in one WAvgTrainer run (a one-layer BERT from a config, for speed): each equals the same average kept alone,
 each is evaluated, the selected one is saved and carded, all resume, and each safety run is
 paired with the same raw weights."""
 
@@ -29,12 +29,12 @@ CONFIGS = {"ema": WAvgConfig(ema_decay=0.9, evaluate_raw=True), "swa": WAvgConfi
 def test_named_averages_equal_single_runs_and_the_selected_one_is_evaluated_saved_and_carded(
         minilm_path, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="transformers"):
-        trainer = make_trainer(minilm_path, tmp_path / "run", CONFIGS, wavg_selection="swa")
+        trainer = make_trainer(minilm_path, tmp_path / "run", CONFIGS, wavg_selection="swa", tiny=True)
     assert "there is already one" not in caplog.text
     trainer.train()
     alone = {}
     for name, config in CONFIGS.items():
-        alone[name] = make_trainer(minilm_path, tmp_path / name, config)
+        alone[name] = make_trainer(minilm_path, tmp_path / name, config, tiny=True)
         alone[name].train()
         # The same snapshots, the same arithmetic: bit for bit the average kept alone.
         for key, value in averaged_named(alone[name].averager).items():
@@ -74,13 +74,14 @@ def test_named_averages_equal_single_runs_and_the_selected_one_is_evaluated_save
 def test_best_selection_follows_metric_for_best_model_and_the_loaded_best_checkpoint(minilm_path, tmp_path):
     configs = {"fast": WAvgConfig(ema_decay=0.5), "slow": WAvgConfig(method="swa"), "late": WAvgConfig(method="swa",
                start_step=6)}
-    trainer = make_trainer(minilm_path, tmp_path / "run", configs, wavg_selection="best", max_steps=12,
+    trainer = make_trainer(minilm_path, tmp_path / "run", configs, wavg_selection="best", max_steps=12, tiny=True,
                            eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
                            load_best_model_at_end=True, metric_for_best_model="loss")
     trainer.train()
     best_step = trainer.state.best_global_step
     logged = {k: v for log in trainer.state.log_history if log.get("step") == best_step for k, v in log.items()}
-    losses = {name: logged[f"eval_{name}_loss"] for name in configs}
+    # An average with no snapshot yet ("late" before step 6) is no candidate.
+    losses = {name: logged[f"eval_{name}_loss"] for name in configs if f"eval_{name}_loss" in logged}
     assert trainer.selected_average() == min(losses, key=losses.get)
     assert logged["eval_loss"] == pytest.approx(min(losses.values()), rel=1e-6)
     # Every average came back with the best checkpoint's raw weights.
@@ -96,7 +97,8 @@ def test_best_selection_follows_metric_for_best_model_and_the_loaded_best_checkp
 
     # At each evaluation the pick is the argmin (argmax when greater is better) of the scores.
     metrics = trainer.evaluate()
-    scores = {name: metrics[f"eval_{name}_loss"] for name in configs}
+    scores = {name: metrics[f"eval_{name}_loss"] for name in configs if f"eval_{name}_loss" in metrics}
+    assert len(scores) >= 2
     assert metrics["eval_loss"] == pytest.approx(min(scores.values()), rel=1e-6)
     trainer.args.greater_is_better = True
     metrics = trainer.evaluate()
@@ -104,7 +106,7 @@ def test_best_selection_follows_metric_for_best_model_and_the_loaded_best_checkp
 
 
 def test_every_named_average_resumes_bit_for_bit(minilm_path, tmp_path):
-    args = {"save_strategy": "steps", "save_steps": 4}
+    args = {"save_strategy": "steps", "save_steps": 4, "tiny": True}
     full = make_trainer(minilm_path, tmp_path / "full", CONFIGS, **args)
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-4"
@@ -126,7 +128,7 @@ def test_every_named_average_resumes_bit_for_bit(minilm_path, tmp_path):
 
 
 def test_each_named_average_gets_its_safety_run_paired_with_the_same_raw_weights(minilm_path, tmp_path):
-    trainer = make_trainer(minilm_path, tmp_path / "run", CONFIGS, wavg_selection="ema",
+    trainer = make_trainer(minilm_path, tmp_path / "run", CONFIGS, wavg_selection="ema", tiny=True,
                            safety_config=SafetyConfig(**SMALL_SAFETY), safety_dataset=safety_texts())
     trainer.train()
     metrics = trainer.evaluate()
