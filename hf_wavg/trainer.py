@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import random
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -17,7 +18,6 @@ from torch import nn
 from transformers import PrinterCallback, ProgressCallback, Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import sort_checkpoints
-from transformers.utils.notebook import NotebookProgressCallback
 
 from hf_wavg.averager import WeightAverager
 from hf_wavg.batchnorm import recomputed_batchnorm
@@ -35,8 +35,17 @@ from hf_wavg.safety_monitor import SafetyMonitor
 from hf_wavg.state_io import has_state
 
 logger = logging.getLogger(__name__)
-CONSOLE_CALLBACKS = (PrinterCallback, ProgressCallback, NotebookProgressCallback)
+CONSOLE_CALLBACKS = (PrinterCallback, ProgressCallback)
+# transformers' notebook progress bar imports IPython: it is recognised without importing it
+# (a callback of that class can exist only once its module has been imported).
+NOTEBOOK_MODULE = "transformers.utils.notebook"
 BEST = "best"  # wavg_selection: the average that scores best on metric_for_best_model
+
+
+def _prints_to_console(callback: Any) -> bool:
+    notebook = sys.modules.get(NOTEBOOK_MODULE)
+    return isinstance(callback, CONSOLE_CALLBACKS) or (
+        notebook is not None and isinstance(callback, notebook.NotebookProgressCallback))
 
 
 def _finite(value: Any) -> bool:
@@ -118,7 +127,7 @@ class WAvgTrainer(Trainer):
             entry["epoch"] = self.state.epoch
         self.state.log_history.append(entry)
         for callback in self.callback_handler.callbacks:
-            if not isinstance(callback, CONSOLE_CALLBACKS):
+            if not _prints_to_console(callback):
                 callback.on_log(self.args, self.state, self.control, logs=logs, model=self.model,
                                 processing_class=self.processing_class)
 
