@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerState
 from hf_wavg import WAvgConfig, state_io
 from tests.trainer_helpers import make_trainer
 
-RUN_SETTINGS: dict[str, Any] = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2, "tiny": True}
+RUN_SETTINGS: dict[str, Any] = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2}
 CONFIG: dict[str, Any] = {"method": "lawa", "lawa_k": 3}
 
 

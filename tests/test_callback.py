@@ -53,9 +53,9 @@ def test_bare_callback_on_a_plain_trainer_adds_safety_to_evaluate(tmp_path, mini
 def test_post_hoc_ema_without_checkpoints_is_warned_about(minilm_path, tmp_path, caplog):
     config = WAvgConfig(method="posthoc_ema")
     with caplog.at_level(logging.WARNING, logger="hf_wavg"):
-        make_trainer(minilm_path, tmp_path / "none", config, tiny=True, max_steps=2, save_strategy="no").train()
+        make_trainer(minilm_path, tmp_path / "none", config, max_steps=2, save_strategy="no").train()
     assert "saves none (save_strategy='no')" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hf_wavg"):
-        make_trainer(minilm_path, tmp_path / "some", config, tiny=True, max_steps=2, **CHECKPOINTS).train()
+        make_trainer(minilm_path, tmp_path / "some", config, max_steps=2, **CHECKPOINTS).train()
     assert "saves none" not in caplog.text

@@ -22,7 +22,7 @@ def test_tensorboard_gets_the_safety_table_and_plot_at_every_evaluation(tmp_path
     from tensorboard.plugins.text import metadata as text_metadata
 
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # transformers 5.x's way to place it
-    trainer = make_trainer(minilm_path, tmp_path / "run", WAvgConfig(evaluate_raw=True), tiny=True,
+    trainer = make_trainer(minilm_path, tmp_path / "run", WAvgConfig(evaluate_raw=True),
                            eval_strategy="steps", eval_steps=3, max_steps=6, report_to=["tensorboard"],
                            safety_config=SafetyConfig(**SMALL_SAFETY), safety_dataset=safety_texts())
     trainer.train()
@@ -63,7 +63,7 @@ class RecordingWandb:
 
 def test_wandb_gets_a_table_of_the_headline_rows_and_an_image(tmp_path, minilm_path, monkeypatch):
     monkeypatch.setattr(WandbCallback, "__init__", lambda self: None)  # wandb itself is not installed
-    trainer = make_trainer(minilm_path, tmp_path / "run", WAvgConfig(evaluate_raw=True), tiny=True,
+    trainer = make_trainer(minilm_path, tmp_path / "run", WAvgConfig(evaluate_raw=True),
                            eval_strategy="steps", eval_steps=3, max_steps=3, report_to="none",
                            safety_config=SafetyConfig(**SMALL_SAFETY), safety_dataset=safety_texts())
     trainer.train()

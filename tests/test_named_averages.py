@@ -29,12 +29,12 @@ CONFIGS = {"ema": WAvgConfig(ema_decay=0.9, evaluate_raw=True), "swa": WAvgConfi
 def test_named_averages_equal_single_runs_and_the_selected_one_is_evaluated_saved_and_carded(
         minilm_path, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="transformers"):
-        trainer = make_trainer(minilm_path, tmp_path / "run", CONFIGS, wavg_selection="swa", tiny=True)
+        trainer = make_trainer(minilm_path, tmp_path / "run", CONFIGS, wavg_selection="swa")
     assert "there is already one" not in caplog.text
     trainer.train()
     alone = {}
     for name, config in CONFIGS.items():
-        alone[name] = make_trainer(minilm_path, tmp_path / name, config, tiny=True)
+        alone[name] = make_trainer(minilm_path, tmp_path / name, config)
         alone[name].train()
         # The same snapshots, the same arithmetic: bit for bit the average kept alone.
         for key, value in averaged_named(alone[name].averager).items():
@@ -74,7 +74,7 @@ def test_named_averages_equal_single_runs_and_the_selected_one_is_evaluated_save
 def test_best_selection_follows_metric_for_best_model_and_the_loaded_best_checkpoint(minilm_path, tmp_path):
     configs = {"fast": WAvgConfig(ema_decay=0.5), "slow": WAvgConfig(method="swa"), "late": WAvgConfig(method="swa",
                start_step=6)}
-    trainer = make_trainer(minilm_path, tmp_path / "run", configs, wavg_selection="best", max_steps=12, tiny=True,
+    trainer = make_trainer(minilm_path, tmp_path / "run", configs, wavg_selection="best", max_steps=12,
                            eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
                            load_best_model_at_end=True, metric_for_best_model="loss")
     trainer.train()
@@ -106,7 +106,7 @@ def test_best_selection_follows_metric_for_best_model_and_the_loaded_best_checkp
 
 
 def test_every_named_average_resumes_bit_for_bit(minilm_path, tmp_path):
-    args = {"save_strategy": "steps", "save_steps": 4, "tiny": True}
+    args = {"save_strategy": "steps", "save_steps": 4}
     full = make_trainer(minilm_path, tmp_path / "full", CONFIGS, **args)
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-4"
@@ -128,7 +128,7 @@ def test_every_named_average_resumes_bit_for_bit(minilm_path, tmp_path):
 
 
 def test_each_named_average_gets_its_safety_run_paired_with_the_same_raw_weights(minilm_path, tmp_path):
-    trainer = make_trainer(minilm_path, tmp_path / "run", CONFIGS, wavg_selection="ema", tiny=True,
+    trainer = make_trainer(minilm_path, tmp_path / "run", CONFIGS, wavg_selection="ema",
                            safety_config=SafetyConfig(**SMALL_SAFETY), safety_dataset=safety_texts())
     trainer.train()
     metrics = trainer.evaluate()

@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent("""
     from tests.trainer_helpers import SMALL_SAFETY, make_trainer, safety_texts
 
     out = sys.argv[2]
-    trainer = make_trainer(sys.argv[3], out, WAvgConfig(method="ema", evaluate_raw=True), tiny=True, max_steps=4,
+    trainer = make_trainer(sys.argv[3], out, WAvgConfig(method="ema", evaluate_raw=True), max_steps=4,
                            eval_strategy="steps", eval_steps=4, disable_tqdm=False,
                            safety_config=SafetyConfig(**SMALL_SAFETY), safety_dataset=safety_texts())
     trainer.train()

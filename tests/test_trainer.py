@@ -82,7 +82,7 @@ def test_every_registered_method_has_a_resume_test():
 @pytest.mark.parametrize("method", sorted(RESUME_SETTINGS))
 def test_resume_from_mid_run_checkpoint_gives_the_uninterrupted_average(minilm_path, tmp_path, method):
     config = WAvgConfig(method=method, **RESUME_SETTINGS[method])
-    args = dict(save_strategy="steps", save_steps=4, tiny=method not in ("ema", "lawa"))
+    args = dict(save_strategy="steps", save_steps=4)
     full = make_trainer(minilm_path, tmp_path / "full", config, **args)
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-4"

@@ -68,10 +68,15 @@ def tiny_bert_classifier(tokenizer: Any, seed: int = 0) -> torch.nn.Module:
     return BertForSequenceClassification(config)
 
 
+def tiny_classifier_for(model_path: str, seed: int = 0) -> torch.nn.Module:
+    """The model :func:`make_trainer` trains by default, for tests that rebuild it."""
+    return tiny_bert_classifier(AutoTokenizer.from_pretrained(model_path), seed)
+
+
 def make_trainer(model_path: str, output_dir: Path, config: WAvgConfig | None = None, trainer_cls: type = WAvgTrainer,
-                 tiny: bool = False, **overrides: Any) -> Any:
-    """A trainer on the sample data: MiniLM with a seeded head, or with ``tiny`` a one-layer
-    BERT from a config (MiniLM's tokenizer either way)."""
+                 pretrained: bool = False, **overrides: Any) -> Any:
+    """A trainer on the sample data: a one-layer BERT from a config (seconds to train and save),
+    or with ``pretrained`` MiniLM with a seeded head; MiniLM's tokenizer either way."""
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     callbacks = overrides.pop("callbacks", None)
     compute_metrics = overrides.pop("compute_metrics", None)
@@ -80,7 +85,7 @@ def make_trainer(model_path: str, output_dir: Path, config: WAvgConfig | None = 
         if name in overrides:
             kwargs[name] = overrides.pop(name)
     return trainer_cls(
-        model=tiny_bert_classifier(tokenizer) if tiny else seeded_classifier(model_path),
+        model=seeded_classifier(model_path) if pretrained else tiny_bert_classifier(tokenizer),
         args=training_args(output_dir, **overrides),
         train_dataset=tiny_dataset(tokenizer),
         eval_dataset=tiny_dataset(tokenizer, rows=16, seed=2),

@@ -8,6 +8,7 @@ CPU path needs mpirun and a host file)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from transformers import AutoModelForSequenceClassification
 from hf_wavg import EMA, AveragerStateError, DecaySchedule, WAvgConfig, WeightAverager
 from tests.distributed.ports import free_port
 from tests.reference import assert_close_to_reference, ema_reference
-from tests.trainer_helpers import SnapshotRecorder, averaged_named, make_trainer, seeded_classifier
+from tests.trainer_helpers import SnapshotRecorder, averaged_named, make_trainer, tiny_classifier_for
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
@@ -55,7 +56,7 @@ def rank_average(output_dir: Path, rank: int) -> tuple[dict[str, torch.Tensor], 
 
 def one_process_average(model_path: str, sequence: list[list[torch.Tensor]], names: list[str]) -> list[torch.Tensor]:
     """The same snapshots folded in by an unsharded averager in this process."""
-    model = seeded_classifier(model_path)
+    model = tiny_classifier_for(model_path)
     averager = WeightAverager(model, EMA(SCHEDULE))
     assert averager.selection.names == names
     for snapshot in sequence:
@@ -66,10 +67,17 @@ def one_process_average(model_path: str, sequence: list[list[torch.Tensor]], nam
     return [t.clone() for t in averager.strategy.average()]
 
 
-def test_two_processes_shard_the_average_and_match_one_process(minilm_path, tmp_path):
-    accelerate_launch(minilm_path, tmp_path)
+@pytest.fixture(scope="module")
+def sharded_run(minilm_path, tmp_path_factory) -> Path:
+    """One two-process launch with the default (sharded) average and checkpoints every 2 steps,
+    read by several tests (checkpoints change no average)."""
+    out = tmp_path_factory.mktemp("sharded")
+    accelerate_launch(minilm_path, out, save_steps="2")
+    return out
 
-    (average0, meta0), (average1, meta1) = rank_average(tmp_path, 0), rank_average(tmp_path, 1)
+
+def test_two_processes_shard_the_average_and_match_one_process(minilm_path, sharded_run):
+    (average0, meta0), (average1, meta1) = rank_average(sharded_run, 0), rank_average(sharded_run, 1)
     assert meta0["world_size"] == "2" and meta0["distributed_type"] == "MULTI_CPU"
     # Each rank holds half the average (an even slice of every tensor), not a full copy.
     numel = int(meta0["numel"])
@@ -80,35 +88,33 @@ def test_two_processes_shard_the_average_and_match_one_process(minilm_path, tmp_
     names = sorted(average0)
     for name in names:  # every rank gathers the same average, bit for bit
         assert torch.equal(average0[name], average1[name]), name
-    sequence = snapshots(tmp_path, [1, 2, 3, 4], names)
+    sequence = snapshots(sharded_run, [1, 2, 3, 4], names)
     assert_close_to_reference([average0[n] for n in names], ema_reference(sequence, SCHEDULE), rtol=1e-5, atol=1e-6)
 
     # The sharded average is the one an unsharded averager computes from the same snapshots.
-    model_order = list(seeded_classifier(minilm_path).state_dict())
+    model_order = list(tiny_classifier_for(minilm_path).state_dict())
     ordered = sorted(names, key=model_order.index)
-    unsharded = one_process_average(minilm_path, snapshots(tmp_path, [1, 2, 3, 4], ordered), ordered)
+    unsharded = one_process_average(minilm_path, snapshots(sharded_run, [1, 2, 3, 4], ordered), ordered)
     for name, expected in zip(ordered, unsharded):
         assert torch.equal(average0[name], expected), name
 
     # Rank 0 saved the gathered average; it reloads and holds exactly those weights.
-    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "averaged").state_dict()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(sharded_run / "averaged").state_dict()
     for name in names:
         assert torch.equal(reloaded[name], average0[name]), name
 
 
-def test_replicated_average_equals_the_sharded_one(minilm_path, tmp_path):
-    accelerate_launch(minilm_path, tmp_path / "sharded")
+def test_replicated_average_equals_the_sharded_one(minilm_path, sharded_run, tmp_path):
     accelerate_launch(minilm_path, tmp_path / "replicated", shard="0")
-    sharded, sharded_meta = rank_average(tmp_path / "sharded", 1)
+    sharded, sharded_meta = rank_average(sharded_run, 1)
     replicated, replicated_meta = rank_average(tmp_path / "replicated", 1)
     assert replicated_meta["local_numel"] == replicated_meta["numel"] != sharded_meta["local_numel"]
     for name, value in replicated.items():
         assert torch.equal(value, sharded[name]), name
 
 
-def test_a_two_process_run_resumes_in_one_process_with_its_average(minilm_path, tmp_path):
-    accelerate_launch(minilm_path, tmp_path, save_steps="2")
-    checkpoint = tmp_path / "run" / "checkpoint-2"
+def test_a_two_process_run_resumes_in_one_process_with_its_average(minilm_path, sharded_run, tmp_path):
+    checkpoint = Path(shutil.copytree(sharded_run / "run" / "checkpoint-2", tmp_path / "run" / "checkpoint-2"))
     assert len(list(checkpoint.glob("wavg_state-0000*-of-00002-*.safetensors"))) == 2  # one file per rank
 
     recorder = SnapshotRecorder()
@@ -120,7 +126,7 @@ def test_a_two_process_run_resumes_in_one_process_with_its_average(minilm_path, 
     # Steps 1-2 come from the two ranks, steps 3-4 from the single process: the average
     # carried across is the formula over all four snapshots.
     names = trainer.averager.selection.names
-    sequence = snapshots(tmp_path, [1, 2], names)
+    sequence = snapshots(sharded_run, [1, 2], names)
     sequence += [[recorder.steps[s][n] for n in names] for s in (3, 4)]
     expected = ema_reference(sequence, SCHEDULE)
     assert_close_to_reference([averaged_named(trainer.averager)[n] for n in names], expected, rtol=1e-5, atol=1e-6)
@@ -149,7 +155,7 @@ def test_a_rank_failing_mid_save_leaves_the_previous_checkpoint_loadable(minilm_
     run = tmp_path / "run"
     assert (run / "checkpoint-2" / "wavg_state.json").is_file()  # not rotated away
     with pytest.raises(AveragerStateError, match="missing"):
-        WeightAverager(seeded_classifier(minilm_path), EMA(SCHEDULE)).load(run / "checkpoint-4")
+        WeightAverager(tiny_classifier_for(minilm_path), EMA(SCHEDULE)).load(run / "checkpoint-4")
 
     # Resuming from the last checkpoint passes over the interrupted one.
     recorder = SnapshotRecorder()
