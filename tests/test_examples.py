@@ -46,23 +46,21 @@ def test_launch_configs_are_valid_accelerate_configs(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("trainer", ["wavg", "callback"])
 def test_example_script_trains_and_saves_the_average_under_accelerate_launch(tmp_path, trainer):
-    """The README's CPU launch, three times in a row for WAvgTrainer and for a plain Trainer with
-    WAvgCallback: the script has no barrier or teardown of its own, and every launch must
-    exit 0 (ranks leaving gloo one by one used to abort one of them now and then)."""
+    """The README's CPU launch, for WAvgTrainer and for a plain Trainer with WAvgCallback: the
+    script has no barrier or teardown of its own, and the launch must exit 0 with no abort
+    (ranks leaving gloo one by one used to abort one of them now and then)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    for attempt in range(3):
-        out = tmp_path / str(attempt)
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(free_port()), str(EXAMPLES / "train_text_classifier.py"),
-                   "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "4",
-                   "--report_to", "none", "--method", "swa", "--eval_strategy", "steps", "--eval_steps", "2",
-                   "--save_steps", "2", "--trainer", trainer]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
-        assert done.returncode == 0, done.stderr[-4000:]
-        assert "terminate called" not in done.stderr
-        AutoModelForSequenceClassification.from_pretrained(out)  # the averaged model reloads
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(EXAMPLES / "train_text_classifier.py"),
+               "--output_dir", str(tmp_path), "--max_steps", "4", "--per_device_train_batch_size", "4",
+               "--report_to", "none", "--method", "swa", "--eval_strategy", "steps", "--eval_steps", "2",
+               "--save_steps", "2", "--trainer", trainer]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "terminate called" not in done.stderr
+    AutoModelForSequenceClassification.from_pretrained(tmp_path)  # the averaged model reloads
     if trainer == "wavg":
-        summary = json.loads((out / "wavg_averaging.json").read_text())
+        summary = json.loads((tmp_path / "wavg_averaging.json").read_text())
         assert summary["averager"]["method"] == "swa" and summary["averager"]["num_updates"] == 4
         assert summary["averager"]["num_elements_per_process"] < summary["averager"]["num_elements"]  # sharded
