@@ -40,5 +40,6 @@ def checkpoints(minilm_path, tmp_path_factory) -> list[Path]:
     from tests.trainer_helpers import make_trainer
 
     out = tmp_path_factory.mktemp("run")
-    make_trainer(minilm_path, out, trainer_cls=Trainer, max_steps=6, save_strategy="steps", save_steps=2).train()
+    make_trainer(minilm_path, out, trainer_cls=Trainer, pretrained=True, max_steps=6, save_strategy="steps",
+                 save_steps=2).train()
     return [out / f"checkpoint-{step}" for step in (2, 4, 6)]

@@ -62,7 +62,7 @@ def test_demo_reads_a_local_tsv_with_other_column_names(minilm_path, tmp_path, c
         for row in csv.DictReader(source):
             writer.writerow([row["label"].capitalize(), row["text"]])
     main(["demo", "--dataset", str(tmp_path / "data.tsv"), "--output-dir", str(tmp_path / "out"), "--epochs", "1",
-          "--method", "swa"])
+          "--method", "swa", "--no-safety"])
     assert "swa over" in capsys.readouterr().out
 
 
