@@ -1,12 +1,16 @@
 """A WAvgTrainer fine-tune killed (SIGKILL) half-way through one write of a checkpoint
 save, for test_fault_injection.py.
 
-Usage: ``python fault_worker.py MODEL_PATH OUTPUT_DIR FAULT STEP``: trains the run of
-``RUN_SETTINGS`` into OUTPUT_DIR and, while saving the checkpoint of STEP, leaves a partial
-file where FAULT's write goes and dies. FAULT is one of ``FAULTS``."""
+Usage: ``python fault_worker.py MODEL_PATH OUTPUT_ROOT STEP FAULT [FAULT ...]``: for each
+FAULT (one of ``FAULTS``), a forked child trains the run of ``RUN_SETTINGS`` into
+OUTPUT_ROOT/FAULT and, while saving the checkpoint of STEP, leaves a partial file where
+FAULT's write goes and dies. The children share this process's imports (seconds each) and run
+one after another; the last line printed is a JSON object of how each one ended: the signal
+that killed it (negative, as ``subprocess`` reports it) or its exit status."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -72,12 +76,26 @@ def install(fault: str, step: int, trainer: Any) -> None:
 FAULTS = ("model_weights", "averager_tensors", "averager_record", "optimizer", "rng_state", "trainer_state")
 
 
-def main(model_path: str, output_dir: str, fault: str, step: int) -> None:
+def run_until_killed(model_path: str, output_dir: str, fault: str, step: int) -> None:
     trainer = make_trainer(model_path, Path(output_dir), WAvgConfig(**CONFIG), **RUN_SETTINGS)
     install(fault, step, trainer)
     trainer.train()
     raise SystemExit(f"the {fault} fault at step {step} never fired")
 
 
+def main(model_path: str, output_root: str, step: int, faults: list[str]) -> None:
+    ended: dict[str, int] = {}
+    for fault in faults:
+        pid = os.fork()
+        if pid == 0:  # the child: torch has run nothing in the parent, so its thread pool starts afresh
+            try:
+                run_until_killed(model_path, str(Path(output_root) / fault), fault, step)
+            finally:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        ended[fault] = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    print(json.dumps(ended))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])

@@ -3,7 +3,9 @@ checkpoint must resume to the uninterrupted run's average, bit for bit."""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +19,8 @@ from hf_wavg.state_io import load_state
 from tests.fault_worker import CONFIG, FAULTS, RUN_SETTINGS
 from tests.trainer_helpers import averaged_named, make_trainer
 
-pytestmark = pytest.mark.slow
+# One worker process forks every killed run: under pytest-xdist the tests share its fixture.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fault_injection")]
 WORKER = Path(__file__).with_name("fault_worker.py")
 
 
@@ -28,14 +31,24 @@ def uninterrupted(minilm_path, tmp_path_factory):
     return averaged_named(trainer.averager)
 
 
+@pytest.fixture(scope="module")
+def killed_runs(minilm_path, tmp_path_factory) -> tuple[Path, dict[str, int], str]:
+    """One run per fault, each killed in its write at step 4's save (one worker process forks
+    them all), with how each process ended and the worker's stderr."""
+    root = tmp_path_factory.mktemp("killed")
+    worker = subprocess.run([sys.executable, str(WORKER), minilm_path, str(root), "4", *FAULTS],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    return root, json.loads(worker.stdout.strip().splitlines()[-1]), worker.stderr
+
+
 @pytest.mark.parametrize("fault", FAULTS)
 def test_a_save_killed_mid_write_resumes_bitwise_from_the_newest_complete_checkpoint(
-    fault, minilm_path, uninterrupted, tmp_path, caplog
+    fault, minilm_path, uninterrupted, killed_runs, tmp_path, caplog
 ):
-    run = tmp_path / "run"
-    killed = subprocess.run([sys.executable, str(WORKER), minilm_path, str(run), fault, "4"],
-                            capture_output=True, text=True, timeout=600, check=False)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    root, ended, stderr = killed_runs
+    assert ended[fault] == -signal.SIGKILL, stderr[-2000:]
+    run = Path(shutil.copytree(root / fault, tmp_path / "run"))
     assert (run / "checkpoint-4").is_dir()  # the save had begun
 
     resumed = make_trainer(minilm_path, run, WAvgConfig(**CONFIG), **RUN_SETTINGS)

@@ -24,7 +24,8 @@ from tests.distributed.ports import free_port
 from tests.reference import assert_close_to_reference, ema_reference
 from tests.trainer_helpers import SnapshotRecorder, averaged_named, make_trainer, tiny_classifier_for
 
-pytestmark = pytest.mark.slow
+# Under pytest-xdist the tests that read one launch (sharded_run) stay in one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ddp")]
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 SCHEDULE = DecaySchedule(0.9, "rational")
 
