@@ -19,8 +19,7 @@ from hf_wavg.state_io import load_state
 from tests.fault_worker import CONFIG, FAULTS, RUN_SETTINGS
 from tests.trainer_helpers import averaged_named, make_trainer
 
-# One worker process forks every killed run: under pytest-xdist the tests share its fixture.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fault_injection")]
+pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name("fault_worker.py")
 
 
@@ -34,7 +33,8 @@ def uninterrupted(minilm_path, tmp_path_factory):
 @pytest.fixture(scope="module")
 def killed_runs(minilm_path, tmp_path_factory) -> tuple[Path, dict[str, int], str]:
     """One run per fault, each killed in its write at step 4's save (one worker process forks
-    them all), with how each process ended and the worker's stderr."""
+    them all), with how each process ended and the worker's stderr. ``--dist loadfile`` keeps
+    this module's tests in one pytest-xdist worker, so they share it."""
     root = tmp_path_factory.mktemp("killed")
     worker = subprocess.run([sys.executable, str(WORKER), minilm_path, str(root), "4", *FAULTS],
                             capture_output=True, text=True, timeout=600, check=False)

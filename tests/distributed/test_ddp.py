@@ -24,8 +24,7 @@ from tests.distributed.ports import free_port
 from tests.reference import assert_close_to_reference, ema_reference
 from tests.trainer_helpers import SnapshotRecorder, averaged_named, make_trainer, tiny_classifier_for
 
-# Under pytest-xdist the tests that read one launch (sharded_run) stay in one worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ddp")]
+pytestmark = pytest.mark.slow
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 SCHEDULE = DecaySchedule(0.9, "rational")
 
@@ -71,7 +70,8 @@ def one_process_average(model_path: str, sequence: list[list[torch.Tensor]], nam
 @pytest.fixture(scope="module")
 def sharded_run(minilm_path, tmp_path_factory) -> Path:
     """One two-process launch with the default (sharded) average and checkpoints every 2 steps,
-    read by several tests (checkpoints change no average)."""
+    read by several tests (checkpoints change no average; ``--dist loadfile`` keeps them in one
+    pytest-xdist worker)."""
     out = tmp_path_factory.mktemp("sharded")
     accelerate_launch(minilm_path, out, save_steps="2")
     return out
