@@ -168,7 +168,9 @@ class WAvgCallback(TrainerCallback):
         if self.averager is None:
             raise RuntimeError("WAvgCallback has no averager yet: training has not begun")
         count = self.averager.num_updates if num_updates is None else num_updates
-        return averaging_window(self.averager.strategy, count, self.update_steps, self.total_steps)
+        # A horizon promises the window at the end of the run: only the final window is held to it.
+        promised = self.config.promised_window(self.total_steps) if count == len(self.update_steps) else None
+        return averaging_window(self.averager.strategy, count, self.update_steps, self.total_steps, promised)
 
     def _announce_window(self, state: TrainerState) -> None:
         planned = self.window(len(self.update_steps))
@@ -181,6 +183,13 @@ class WAvgCallback(TrainerCallback):
             )
         else:
             logger.info("hf_wavg: the average will span %s", planned.sentence())
+        if planned.delivers_promise is False:
+            logger.warning(
+                "hf_wavg: horizon=%g asks for an effective window of %.1f steps, but %d updates every %d steps give "
+                "%.1f: too few updates for this horizon (the record and the model card say so)",
+                self.config.horizon_in_effect, planned.promised_steps, planned.snapshots, planned.update_every,
+                planned.window_steps,
+            )
         decay, strategy = self.config.ema_decay, self.averager.strategy if self.averager else None
         if isinstance(strategy, EMA) and self.config.horizon is None and decay is not None and planned.snapshots > 1:
             reached = strategy.schedule(planned.snapshots - 1)

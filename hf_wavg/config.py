@@ -19,7 +19,7 @@ from torch import nn
 from hf_wavg.averager import WeightAverager
 from hf_wavg.averaging.methods import METHOD_NAMES, METHOD_SETTINGS, METHODS
 from hf_wavg.averaging.posthoc_ema import validate_sigma_rels
-from hf_wavg.averaging.schedules import SCHEDULES
+from hf_wavg.averaging.schedules import SCHEDULES, ScheduleName
 from hf_wavg.averaging.strategies import AveragingStrategy
 
 DEFAULT_EMA_HORIZON = 0.2  # share of the run an EMA spans when neither horizon nor ema_decay is set
@@ -55,17 +55,19 @@ class WAvgConfig:
         default=None,
         metadata=_help(
             "Average over about this share of training, in (0, 1]: EMA with time constant horizon/2 of the run "
-            "(that last share holds 86% of the weight), SWA from step (1-horizon)*max_steps, LAWA's k snapshots "
-            "spread over it. Set from max_steps when training begins; overrides ema_decay, start_step and "
-            f"start_fraction (SWA), update_every (LAWA). EMA with neither set uses {DEFAULT_EMA_HORIZON}."
+            "(that last share holds 86% of the weight; the mean warm-up, which reaches it in any run), SWA over "
+            "the last horizon*max_steps steps, LAWA's k snapshots spread over it. Set from max_steps when training "
+            "begins; overrides ema_decay and ema_schedule (EMA), start_step and start_fraction (SWA), update_every "
+            f"(LAWA). EMA with neither horizon nor ema_decay set uses {DEFAULT_EMA_HORIZON}."
         ),
     )
     ema_decay: float | None = field(
         default=None, metadata=_help("EMA decay cap beta, in (0, 1); None: set by horizon.")
     )
-    ema_schedule: Literal["constant", "rational", "power"] = field(
+    ema_schedule: ScheduleName = field(
         default="rational",
-        metadata=_help("EMA warm-up: constant, rational min(d,(1+t)/(10+t)) or power min(d,1-(1+t/gamma)^-p)."),
+        metadata=_help("EMA warm-up of an explicit ema_decay: constant, rational min(d,(1+t)/(10+t)), power "
+                       "min(d,1-(1+t/gamma)^-p) or mean min(d,t/(1+t)). A horizon always uses mean."),
     )
     ema_power: float = field(default=2.0 / 3.0, metadata=_help("Exponent p of the power schedule (> 0)."))
     ema_gamma: float = field(default=1.0, metadata=_help("Scale gamma of the power schedule (> 0)."))
@@ -197,7 +199,7 @@ class WAvgConfig:
         for name in METHOD_SETTINGS:
             if name not in method.settings and getattr(self, name) != defaults[name]:
                 logger.warning("hf_wavg: WAvgConfig.%s is set but method=%r does not use it", name, self.method)
-        for name in method.horizon_sets if self.horizon is not None else ():
+        for name in method.horizon_sets if self.horizon_in_effect is not None else ():
             if getattr(self, name) != defaults[name]:
                 logger.warning("hf_wavg: WAvgConfig.horizon overrides %s=%r", name, getattr(self, name))
         if self.start_fraction is not None and self.start_step != defaults["start_step"]:
@@ -222,16 +224,31 @@ class WAvgConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def horizon_in_effect(self) -> float | None:
+        """The share of training the average is to span: ``horizon``, or the default EMA
+        horizon when neither it nor ``ema_decay`` is set; None when the method's own settings rule."""
+        method = METHODS[self.method]
+        if self.horizon is None and method.horizon_default_unless and getattr(self, method.horizon_default_unless) is None:
+            return DEFAULT_EMA_HORIZON
+        return self.horizon
+
     def resolved(self, max_steps: int) -> WAvgConfig:
         """This config with ``horizon`` (or the default EMA horizon) turned into the decay,
         start or spacing it means for a run of ``max_steps`` optimizer steps."""
-        method = METHODS[self.method]
-        horizon = self.horizon
-        if horizon is None and method.horizon_default_unless and getattr(self, method.horizon_default_unless) is None:
-            horizon = DEFAULT_EMA_HORIZON
+        horizon = self.horizon_in_effect
         if horizon is None:
             return self
-        return replace(self, horizon=None, **method.strategy_class().horizon_settings(self, horizon, max_steps))
+        strategy = METHODS[self.method].strategy_class()
+        return replace(self, horizon=None, **strategy.horizon_settings(self, horizon, max_steps))
+
+    def promised_window(self, max_steps: int) -> float | None:
+        """The effective window, in optimizer steps, that the horizon in effect promises at the
+        end of a ``max_steps``-step run (None without a horizon)."""
+        horizon = self.horizon_in_effect
+        if horizon is None:
+            return None
+        return METHODS[self.method].strategy_class().horizon_window(horizon, max_steps)
 
     def start_at(self, max_steps: int) -> int:
         """The first optimizer step to fold in, given the run's total steps."""

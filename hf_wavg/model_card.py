@@ -78,6 +78,9 @@ def averaging_card_section(summary: dict[str, Any]) -> str:
         lines += [f"| steps averaged | {window['first_step']}-{window['last_step']} of {window['total_steps']} |",
                   (f"| effective window | {window['effective_window_steps']:g} steps "
                    f"({window['share_of_training']:.1%} of training) |")]
+        if window.get("promise_delivered") is False:
+            lines.append(f"| horizon not delivered | asked for {window['promised_window_steps']:g} steps; too few "
+                         f"updates in this run |")
     rows = _metric_rows(summary.get("last_evaluation", {}))
     if rows:
         lines += ["", "Last evaluation:", "", "| metric | averaged weights | raw weights |", "|---|---|---|", *rows]

@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 
-from hf_wavg.averaging import EMA, LAWA, SWA, DecaySchedule, kernels
+from hf_wavg.averaging import EMA, LAWA, SCHEDULES, SWA, DecaySchedule, kernels
 from tests.reference import assert_close_to_reference, ema_reference, mean_reference
 
 SHAPES = [(7, 5), (13,), (3, 4, 2), ()]
@@ -31,7 +31,7 @@ def run(strategy, stream):
     return strategy.average()
 
 
-@pytest.mark.parametrize("schedule", ["constant", "rational", "power"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_ema_equals_formula_on_recorded_snapshots(schedule):
     decay = DecaySchedule(decay=0.9, schedule=schedule)
     stream = snapshots(30)
@@ -45,6 +45,16 @@ def test_schedules_follow_their_formulas():
         assert rational(t) == pytest.approx(min(0.999, (1 + t) / (10 + t)))
         assert power(t) == pytest.approx(min(0.999, 1 - (1 + t / 2.0) ** -0.75))
     assert rational(10**6) == 0.999 and DecaySchedule(decay=0.5, schedule="constant")(3) == 0.5
+
+
+def test_the_mean_warm_up_is_the_plain_mean_until_the_cap():
+    """Below its cap the ``mean`` schedule's EMA is SWA's mean of every snapshot so far; from
+    the cap on it decays by the cap."""
+    stream = snapshots(30)
+    capped = DecaySchedule(decay=0.9, schedule="mean")  # t / (1 + t) reaches 0.9 at t = 9
+    first_ten = run(EMA(capped), stream[:10])
+    assert_close_to_reference(first_ten, mean_reference(stream[:10]), rtol=1e-6, atol=1e-6)
+    assert [capped(t) for t in (1, 4, 9, 10, 100)] == [0.5, 0.8, 0.9, 0.9, 0.9]
 
 
 def test_swa_is_the_uniform_mean():

@@ -20,7 +20,7 @@ from tests.models import TiedLM
         ("ema_decay", 0.0, r"in the open interval \(0, 1\) or None"),
         ("horizon", 0.0, r"in \(0, 1\] or None"),
         ("horizon", 1.5, r"in \(0, 1\] or None"),
-        ("ema_schedule", "cosine", "one of constant, rational, power"),
+        ("ema_schedule", "cosine", "one of constant, rational, power, mean"),
         ("ema_power", 0.0, "> 0"),
         ("ema_gamma", -1.0, "> 0"),
         ("lawa_k", 0, "an integer >= 1"),

@@ -54,7 +54,7 @@ METHODS: dict[str, Method] = {
         Method(
             "ema", "exponential moving average with a warm-up decay", f"{_STRATEGIES}:EMA",
             settings=("ema_decay", "ema_schedule", "ema_power", "ema_gamma"),
-            horizon_sets=("ema_decay",), horizon_default_unless="ema_decay",
+            horizon_sets=("ema_decay", "ema_schedule"), horizon_default_unless="ema_decay",
             card_keys=("decay", "schedule", "power", "gamma"),
         ),
         Method(

@@ -9,10 +9,10 @@ thousands of steps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
-ScheduleName = Literal["constant", "rational", "power"]
-SCHEDULES: tuple[str, ...] = ("constant", "rational", "power")
+ScheduleName = Literal["constant", "rational", "power", "mean"]
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,11 @@ class DecaySchedule:
     - ``constant``: ``decay``.
     - ``rational``: ``min(decay, (1 + t) / (10 + t))`` (TensorFlow's ``num_updates`` warm-up).
     - ``power``: ``min(decay, 1 - (1 + t / gamma) ** -power)`` (timm's and diffusers' warm-up).
+    - ``mean``: ``min(decay, t / (1 + t))``: the plain mean of the snapshots so far (as SWA)
+      until the cap, then the exponential decay. Its window grows as fast as snapshots
+      arrive, so it reaches any cap within the run; the other warm-ups reach ``decay`` only
+      after about ``9 / (1 - decay)`` (rational) snapshots, so a long horizon on a short run
+      would be capped short of what was asked. A ``horizon`` uses this one.
     """
 
     decay: float = 0.999
@@ -44,4 +49,6 @@ class DecaySchedule:
             return self.decay
         if self.schedule == "rational":
             return min(self.decay, (1.0 + t) / (10.0 + t))
+        if self.schedule == "mean":
+            return min(self.decay, t / (1.0 + t))
         return min(self.decay, 1.0 - (1.0 + t / self.gamma) ** -self.power)

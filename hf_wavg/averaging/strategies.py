@@ -58,6 +58,12 @@ class AveragingStrategy(ABC):
         ``horizon`` share of a ``max_steps``-step run."""
         raise NotImplementedError(f"method {cls.name!r} has no horizon setting")
 
+    @classmethod
+    def horizon_window(cls, horizon: float, max_steps: int) -> float:
+        """The effective window (:meth:`effective_window`, in optimizer steps) that a ``horizon``
+        promises at the end of a ``max_steps``-step run: the whole horizon for a mean."""
+        return horizon * max_steps
+
     @abstractmethod
     def initialize(self, like: Sequence[Tensor]) -> None:
         """Allocate the average's buffers, shaped like ``like``."""
@@ -145,9 +151,15 @@ class EMA(RunningAverage):
     @classmethod
     def horizon_settings(cls, config: WAvgConfig, horizon: float, max_steps: int) -> dict[str, Any]:
         # A time constant of half the horizon: the last horizon share holds 1 - e^-2 = 86% of
-        # the weight (more while the warm-up still caps the decay).
+        # the weight. The mean warm-up reaches that decay after about half the horizon's
+        # snapshots, whatever the run's length; the rational one would cap it short on a short run.
         snapshots = max(1.0, horizon * max_steps / config.update_every)
-        return {"ema_decay": min(math.exp(-2.0 / snapshots), _MAX_DECAY)}
+        return {"ema_decay": min(math.exp(-2.0 / snapshots), _MAX_DECAY), "ema_schedule": "mean"}
+
+    @classmethod
+    def horizon_window(cls, horizon: float, max_steps: int) -> float:
+        """The time constant, half the horizon (``1 / (1 - decay)`` is within half an update of it)."""
+        return horizon * max_steps / 2.0
 
     def weight(self, n: int) -> float:
         return 1.0 - self.schedule(n)
@@ -174,7 +186,10 @@ class SWA(RunningAverage):
 
     @classmethod
     def horizon_settings(cls, config: WAvgConfig, horizon: float, max_steps: int) -> dict[str, Any]:
-        return {"start_step": 0, "start_fraction": 1.0 - horizon if horizon < 1 else None}
+        # The last round(horizon * max_steps) steps, the first of them folded in: a window of
+        # exactly that many steps (to within one update interval).
+        span = max(1, round(horizon * max_steps))
+        return {"start_step": max(0, max_steps - span + 1), "start_fraction": None}
 
     def weight(self, n: int) -> float:
         return 1.0 / (n + 1)

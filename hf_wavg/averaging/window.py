@@ -9,6 +9,9 @@ from typing import Any
 from hf_wavg.averaging.strategies import AveragingStrategy
 
 NARROW_WINDOW_SHARE = 0.05  # below this share of the run, the average is close to the last weights
+# A horizon's window is delivered when the effective window is within this share of the promised
+# one, or within one update interval (no window is finer than the updates).
+HORIZON_TOLERANCE = 0.1
 
 
 def update_steps(first_step: int, update_every: int, max_steps: int) -> range:
@@ -29,6 +32,8 @@ class AveragingWindow:
     last_step: int | None
     window_steps: float  # the effective window, in optimizer steps
     total_steps: int
+    update_every: int = 1
+    promised_steps: float | None = None  # what the horizon in effect promises at the end of the run
 
     @property
     def share(self) -> float:
@@ -38,10 +43,22 @@ class AveragingWindow:
     def is_narrow(self) -> bool:
         return self.share < NARROW_WINDOW_SHARE
 
+    @property
+    def delivers_promise(self) -> bool | None:
+        """Whether the window is the one its horizon promised (None: no horizon)."""
+        if self.promised_steps is None:
+            return None
+        tolerance = max(HORIZON_TOLERANCE * self.promised_steps, float(self.update_every))
+        return abs(self.window_steps - self.promised_steps) <= tolerance
+
     def describe(self) -> dict[str, Any]:
-        return {"snapshots": self.snapshots, "first_step": self.first_step, "last_step": self.last_step,
-                "effective_window_steps": round(self.window_steps, 2), "total_steps": self.total_steps,
-                "share_of_training": round(self.share, 4)}
+        described = {"snapshots": self.snapshots, "first_step": self.first_step, "last_step": self.last_step,
+                     "effective_window_steps": round(self.window_steps, 2), "total_steps": self.total_steps,
+                     "share_of_training": round(self.share, 4)}
+        if self.promised_steps is not None:
+            described.update(promised_window_steps=round(self.promised_steps, 2),
+                             promise_delivered=self.delivers_promise)
+        return described
 
     def sentence(self) -> str:
         if not self.snapshots:
@@ -52,8 +69,10 @@ class AveragingWindow:
                 f"{self.total_steps}-step run")
 
 
-def averaging_window(strategy: AveragingStrategy, num_updates: int, steps: range, total_steps: int) -> AveragingWindow:
-    """The window of ``strategy`` after ``num_updates`` snapshots taken at ``steps``."""
+def averaging_window(strategy: AveragingStrategy, num_updates: int, steps: range, total_steps: int,
+                     promised_steps: float | None = None) -> AveragingWindow:
+    """The window of ``strategy`` after ``num_updates`` snapshots taken at ``steps``;
+    ``promised_steps``: the window its horizon promises there."""
     taken = steps[:num_updates]
     return AveragingWindow(
         method=strategy.name,
@@ -62,4 +81,6 @@ def averaging_window(strategy: AveragingStrategy, num_updates: int, steps: range
         last_step=taken[-1] if taken else None,
         window_steps=strategy.effective_window(num_updates) * steps.step,
         total_steps=total_steps,
+        update_every=steps.step,
+        promised_steps=promised_steps,
     )
