@@ -211,9 +211,13 @@ class WAvgCallback(TrainerCallback):
             checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         state_dir = self.state_dir(checkpoint)
         if not has_state(state_dir):
+            # A Trainer does not say which folder it resumed from; a guess may just be the wrong one.
+            told = (f"if the Trainer resumed from another folder, pass it as "
+                    f"WAvgCallback(resume_from_checkpoint=...); else " if guessed else "")
             raise AveragerStateError(
                 f"training resumes at step {state.global_step}, but {state_dir} holds no averager state "
-                f"({STATE_FILE}); pass WAvgConfig(restart_average_on_resume=True) to start a new average"
+                f"({STATE_FILE}): {told}pass WAvgConfig(restart_average_on_resume=True) to start a new average "
+                "(the saved one is not used)"
             )
         # A Trainer does not tell its callbacks which folder it resumed from: check that the
         # state was saved beside the weights the Trainer loaded (and, for a guessed folder,

@@ -8,6 +8,7 @@ the command line, a JSON file or a YAML file. Field names do not clash with
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from types import UnionType
@@ -188,6 +189,7 @@ class WAvgConfig:
             elif float in kinds:
                 number = isinstance(value, (int, float)) and not isinstance(value, bool)
                 self._check(number, name, "a number (in YAML, write 0.9 or 9.0e-1: PyYAML reads 9e-1 as a string)")
+                self._check(math.isfinite(value), name, "a finite number")
             elif str in kinds:
                 self._check(isinstance(value, str), name, "a string")
             # int fields are checked with their ranges below

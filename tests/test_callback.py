@@ -31,6 +31,15 @@ def test_the_bare_callback_refuses_to_guess_the_checkpoint_it_resumes_from(minil
     with pytest.raises(AveragerStateError, match="but not from .*b/checkpoint-4.*resume_from_checkpoint="):
         plain.train(resume_from_checkpoint=resume)
 
+    # Resumed from a folder outside the output folder, where nothing is to be guessed: the way out
+    # names the argument that keeps the average before the one that starts a new one.
+    elsewhere = make_trainer(minilm_path, tmp_path / "e", trainer_cls=Trainer, callbacks=[WAvgCallback(config)],
+                             **CHECKPOINTS)
+    with pytest.raises(AveragerStateError, match=r"holds no averager state .*: if the Trainer resumed from another "
+                       r"folder, pass it as WAvgCallback\(resume_from_checkpoint=\.\.\.\); else pass "
+                       r"WAvgConfig\(restart_average_on_resume=True\)"):
+        elsewhere.train(resume_from_checkpoint=resume)
+
     told = WAvgCallback(config, resume_from_checkpoint=resume)
     plain = make_trainer(minilm_path, tmp_path / "c", trainer_cls=Trainer, callbacks=[told], **CHECKPOINTS)
     plain.train(resume_from_checkpoint=resume)
