@@ -46,6 +46,24 @@ def task_type(directory: Path) -> str:
             "TOKEN_CLS": "token-classification"}.get(adapter.get("task_type"), "other")
 
 
+# Task metrics under the Hub's standard types: (type, display name, arguments).
+_STANDARD_METRICS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
+    "accuracy": ("accuracy", "Accuracy", None),
+    "macro_f1": ("f1", "Macro F1", {"average": "macro"}),
+    "f1": ("f1", "F1", None),
+    "loss": ("loss", "Loss", None),
+}
+
+
+def _split_and_metric(key: str, splits: list[str]) -> tuple[str | None, str]:
+    """``eval_<split>_<metric>`` (or ``eval_<metric>``) as (split, metric)."""
+    name = key.removeprefix("eval_")
+    for split in sorted(splits, key=len, reverse=True):
+        if name.startswith(f"{split}_"):
+            return split, name.removeprefix(f"{split}_")
+    return None, name
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -62,12 +80,16 @@ def eval_results(
     summary = _read(directory / AVERAGING_FILE) or {}
     if summary.get("averaged", True):  # metrics of raw weights are not this model's
         name = dataset_name or "evaluation set"
+        splits = summary.get("evaluation_splits") or []
         for key, value in sorted((summary.get("last_evaluation") or {}).items()):
             if not key.startswith("eval_") or key.startswith("eval_raw_") or key.endswith(_SKIPPED_SUFFIXES):
                 continue
             if _finite(value):
+                split, metric = _split_and_metric(key, splits)
+                metric_type, metric_name, metric_args = _STANDARD_METRICS.get(metric, (metric, None, None))
                 results.append(EvalResult(task_type=kind, dataset_type=dataset_type or name, dataset_name=name,
-                                          metric_type=key.removeprefix("eval_"), metric_value=float(value)))
+                                          dataset_config=split, metric_type=metric_type, metric_name=metric_name,
+                                          metric_args=metric_args, metric_value=float(value)))
     report = _read(directory / SAFETY_REPORT_FILE)
     entry = next((e for e in reversed((report or {}).get("history", [])) if e.get("weights") == "average"), None)
     if entry is not None:

@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 
-from hf_wavg.card_results import add_eval_results
-from hf_wavg.model_card import AVERAGING_RECORDS, CARD_MARKER, card_sections, has_averaging_record
+from hf_wavg.card_file import model_card_text, write_model_card  # noqa: F401 (write_model_card: re-exported)
+from hf_wavg.model_card import AVERAGING_RECORDS, has_averaging_record
+from hf_wavg.records import MODEL_CARD_FILE
 from hf_wavg.posthoc.checkpoints import (
     TRAINING_STATE_FILES,
     TRAINING_STATE_PREFIXES,
@@ -33,36 +34,6 @@ IGNORE_PATTERNS = ["checkpoint-*", "_*", ".*", "runs/*", "*.tmp",
                    *TRAINING_STATE_FILES, *(f"{prefix}*" for prefix in TRAINING_STATE_PREFIXES)]
 
 
-def model_card_text(directory: str | os.PathLike[str], repo_id: str | None = None) -> str:
-    """``directory/README.md`` with the hf_wavg sections: a card that already has them as it
-    is, another card with them appended, and a new card where there is none."""
-    directory = Path(directory)
-    path = directory / "README.md"
-    existing = path.read_text(encoding="utf-8") if path.is_file() else None
-    title = repo_id.split("/")[-1] if repo_id else directory.resolve().name
-    if existing is not None and CARD_MARKER in existing:
-        return existing
-    sections = card_sections(directory)
-    if existing is not None:
-        return str(add_eval_results(ModelCard(existing.rstrip("\n") + "\n\n" + sections), directory, title))
-    reader = CheckpointReader(directory)
-    data = ModelCardData(library_name="peft" if reader.kind == "adapter" else "transformers",
-                         tags=["hf-wavg", "weight-averaging"])
-    base = reader.config.get("base_model_name_or_path") if reader.kind == "adapter" else None
-    if base and not Path(base).exists():  # a Hub id, not a local folder
-        data.base_model = base
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n{sections}")
-    return str(add_eval_results(card, directory, title))
-
-
-def write_model_card(directory: str | os.PathLike[str], repo_id: str | None = None) -> Path:
-    """Write :func:`model_card_text` to ``directory/README.md`` (``push_to_hub`` does not: it
-    uploads the card without touching the folder)."""
-    path = Path(directory) / "README.md"
-    path.write_text(model_card_text(directory, repo_id), encoding="utf-8", newline="")  # keep the card's newlines
-    return path
-
-
 def _resolve_token(token: str | None) -> str:
     """``token``, else ``HF_TOKEN`` or the saved login: checked before anything is read or sent."""
     token = token or get_token()
@@ -75,10 +46,10 @@ def _upload_operations(directory: Path, card: str) -> list[CommitOperationAdd]:
     """The folder's files that are published (see ``IGNORE_PATTERNS``), its README.md replaced
     by ``card``, which is uploaded from memory so that the folder is never modified."""
     files = sorted(path.relative_to(directory).as_posix() for path in directory.rglob("*") if path.is_file())
-    ignore = [*IGNORE_PATTERNS, *DEFAULT_IGNORE_PATTERNS, "README.md"]
+    ignore = [*IGNORE_PATTERNS, *DEFAULT_IGNORE_PATTERNS, MODEL_CARD_FILE]
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=directory / name)
                   for name in filter_repo_objects(files, ignore_patterns=ignore)]
-    return [*operations, CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8"))]
+    return [*operations, CommitOperationAdd(path_in_repo=MODEL_CARD_FILE, path_or_fileobj=card.encode("utf-8"))]
 
 
 def push_to_hub(

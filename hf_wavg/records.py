@@ -14,6 +14,9 @@ MERGE_FILE = "wavg_merge.json"  # an average or soup of saved checkpoints (hf-wa
 WISE_FT_FILE = "wavg_wise_ft.json"  # the WiSE-FT sweep, beside the weights at the chosen alpha
 POSTHOC_EMA_FILE = "wavg_posthoc_ema.json"  # a post-hoc EMA synthesised from stored profiles
 
+# Beside saved weights: the model card (hf_wavg.card_file), as the Hub reads it.
+MODEL_CARD_FILE = "README.md"
+
 # Beside saved weights and in the output folder: the safety suite's history over training.
 SAFETY_REPORT_FILE = "safety_report.json"
 SAFETY_PLOT_FILE = "safety_metrics.png"

@@ -23,11 +23,12 @@ from hf_wavg.averager import WeightAverager
 from hf_wavg.batchnorm import recomputed_batchnorm
 from hf_wavg.callback import WAvgCallback, saved_trainer_state
 from hf_wavg.callback_group import WAvgCallbacks
+from hf_wavg.card_file import card_metadata, write_model_card
 from hf_wavg.card_results import add_eval_results
 from hf_wavg.config import WAvgConfig
 from hf_wavg.loggers import publish_safety
 from hf_wavg.model_card import PLOT_MARKDOWN, averaging_card_section
-from hf_wavg.records import AVERAGING_FILE, SAFETY_DELTA, SAFETY_PLOT_FILE
+from hf_wavg.records import AVERAGING_FILE, MODEL_CARD_FILE, SAFETY_DELTA, SAFETY_PLOT_FILE
 from hf_wavg.safety.catalog import HEADLINE_METRICS
 from hf_wavg.safety.config import SafetyConfig
 from hf_wavg.safety.logit_pairing import logit_pairing_penalty
@@ -118,6 +119,7 @@ class WAvgTrainer(Trainer):
         self._saving_checkpoint = False
         self._unaveraged_warned_at: tuple[int, str] | None = None
         self._pairing_rng = random.Random(safety_config.safety_seed if safety_config else 0)
+        self._evaluation_splits: list[str] = []  # the names of the last evaluate()'s datasets, if a dict
 
     def log_to_integrations(self, logs: dict[str, float]) -> None:
         """``Trainer.log`` without the console printers: the safety suite's many keys reach
@@ -260,6 +262,7 @@ class WAvgTrainer(Trainer):
         datasets = eval_dataset if override else self.eval_dataset
         parts = [(dataset if override else name, f"_{name}") for name, dataset in datasets.items()] \
             if isinstance(datasets, dict) else [(eval_dataset, "")]
+        self._evaluation_splits = [suffix.removeprefix("_") for _, suffix in parts if suffix]
         if self.wavg_selection is not None:
             return self._evaluate_named_averages(parts, ignore_keys, metric_key_prefix)
         metrics: dict[str, float] = {}
@@ -398,6 +401,13 @@ class WAvgTrainer(Trainer):
             if self.safety_monitor is not None and self.safety_monitor.history:
                 self.safety_monitor.write_report(target, as_saved_model=True)
                 self.safety_monitor.plot(target)
+            # The folder is a Hub model as it lies: its card, made from the records just written.
+            write_model_card(target, data=card_metadata(target, base_model=self._base_model_name()), refresh=True)
+
+    def _base_model_name(self) -> str | None:
+        """What the run started from: the name or folder the model was loaded from, if any."""
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        return getattr(config, "_name_or_path", None) or None
 
     def _refuse_non_finite(self) -> None:
         """A model folder is for using: weights holding NaN or inf are not written as one."""
@@ -430,6 +440,8 @@ class WAvgTrainer(Trainer):
         named = {name: f"eval_{name}_" for name in self.average_names}
         if last:
             summary["last_evaluation"] = {k: v for k, v in last.items() if not k.startswith(tuple(named.values()))}
+            if self._evaluation_splits:  # eval_<split>_<metric> keys: which part is the split
+                summary["evaluation_splits"] = list(self._evaluation_splits)
         if named:
             summary["selected"] = self.selected_average()
             summary["selection"] = (f"best {self.args.metric_for_best_model} at each evaluation"
@@ -464,7 +476,7 @@ class WAvgTrainer(Trainer):
         super().create_model_card(*args, **kwargs)
         if not self.is_world_process_zero() or not self.wavg_config.save_average:
             return
-        card_path = os.path.join(self.args.output_dir, "README.md")
+        card_path = os.path.join(self.args.output_dir, MODEL_CARD_FILE)
         with open(card_path, "a", encoding="utf-8") as handle:
             handle.write("\n" + averaging_card_section(self.averaging_summary()))
             if self.safety_monitor is not None and self.safety_monitor.history:

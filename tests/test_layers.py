@@ -15,7 +15,7 @@ LAYERS = (
     ("hf_wavg.state_io", "hf_wavg.averager"),
     ("hf_wavg.safety", "hf_wavg.task_metrics"),
     ("hf_wavg.config",),
-    ("hf_wavg.model_card", "hf_wavg.card_results", "hf_wavg.safety_monitor", "hf_wavg.batchnorm", "hf_wavg.teardown", "hf_wavg.loggers", "hf_wavg.callback",
+    ("hf_wavg.model_card", "hf_wavg.card_results", "hf_wavg.card_file", "hf_wavg.safety_monitor", "hf_wavg.batchnorm", "hf_wavg.teardown", "hf_wavg.loggers", "hf_wavg.callback",
      "hf_wavg.callback_group", "hf_wavg.trainer"),
     ("hf_wavg.posthoc",),
     ("hf_wavg.hub", "hf_wavg.data", "hf_wavg.demo"),

@@ -65,3 +65,54 @@ def test_the_settings_follow_the_registry_and_an_svd_merge_states_its_error():
     section = merge_card_section({"method": "uniform", "kind": "adapter", "checkpoints": SOURCES, "lora": lora})
     assert "truncated by SVD" in section and "SVD rank 4: largest relative Frobenius error of a layer's update 0.0123" \
         in section
+
+
+def test_a_saved_folder_is_a_hub_model_as_it_lies(minilm_path, tmp_path, monkeypatch):
+    """``save_model`` writes the card beside the weights: its metadata and model-index parse back
+    with huggingface_hub and say what the records say, in the Hub's standard metric types."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    import hf_wavg.card_file as card_file
+    from hf_wavg import WAvgConfig
+    from hf_wavg.card_file import card_metadata, model_card_text
+    from hf_wavg.safety import SafetyConfig
+    from hf_wavg.task_metrics import classification_metrics
+    from tests.trainer_helpers import SMALL_SAFETY, make_trainer, safety_texts
+
+    base = tmp_path / "base"  # the folder the model was loaded from, with its own card's license
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# base\n", encoding="utf-8")
+    trainer = make_trainer(minilm_path, tmp_path / "run", WAvgConfig(evaluate_raw=True), max_steps=4,
+                           compute_metrics=classification_metrics, safety_config=SafetyConfig(**SMALL_SAFETY),
+                           safety_dataset=safety_texts())
+    trainer.model.config._name_or_path = str(base)
+    trainer.train()
+    evaluation_set = trainer.eval_dataset
+    metrics = trainer.evaluate({"all": evaluation_set, "en": evaluation_set.select(range(4))})
+    saved = tmp_path / "saved"
+    trainer.save_model(str(saved))
+
+    card = ModelCard.load(saved / "README.md")
+    data = card.data
+    assert (data.library_name, data.pipeline_tag, data.license, data.base_model) == (
+        "transformers", "text-classification", "mit", None)  # a local folder is no Hub id
+    assert data.language == ["en", "hi"]  # the languages the safety suite measured
+    assert {"hf-wavg", "weight-averaging", "ema", "safety-evaluation"} <= set(data.tags)
+    assert "## Weight averaging (hf_wavg)" in card.text and "## Safety evaluation" in card.text
+    _, results = model_index_to_eval_results(data.to_dict()["model-index"])
+    task = {(r.metric_type, r.dataset_config): r for r in results if r.dataset_type != "hf_wavg-safety-suite"}
+    assert set(task) == {(metric, split) for metric in ("accuracy", "f1", "loss") for split in ("all", "en")}
+    for split in ("all", "en"):
+        assert task["accuracy", split].metric_value == metrics[f"eval_{split}_accuracy"]
+        assert task["f1", split].metric_value == metrics[f"eval_{split}_macro_f1"]
+        assert task["f1", split].metric_args == {"average": "macro"}
+        assert task["loss", split].metric_value == metrics[f"eval_{split}_loss"]
+    assert model_card_text(saved) == (saved / "README.md").read_text(encoding="utf-8")  # what push uploads
+
+    # A Hub id is named as the base model, and its license read from the Hub cache, never fetched.
+    monkeypatch.setattr(card_file, "try_to_load_from_cache", lambda repo, name: str(base / name))
+    hub_data = card_metadata(saved, base_model="some-org/base-model")
+    assert (hub_data.base_model, hub_data.license) == ("some-org/base-model", "mit")
+    monkeypatch.setattr(card_file, "try_to_load_from_cache", lambda repo, name: None)
+    assert card_metadata(saved, base_model="some-org/uncached").license is None
