@@ -212,8 +212,8 @@ class WAvgCallback(TrainerCallback):
         state_dir = self.state_dir(checkpoint)
         if not has_state(state_dir):
             # A Trainer does not say which folder it resumed from; a guess may just be the wrong one.
-            told = (f"if the Trainer resumed from another folder, pass it as "
-                    f"WAvgCallback(resume_from_checkpoint=...); else " if guessed else "")
+            told = ("if the Trainer resumed from another folder, pass it as "
+                    "WAvgCallback(resume_from_checkpoint=...); else " if guessed else "")
             raise AveragerStateError(
                 f"training resumes at step {state.global_step}, but {state_dir} holds no averager state "
                 f"({STATE_FILE}): {told}pass WAvgConfig(restart_average_on_resume=True) to start a new average "

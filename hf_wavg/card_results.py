@@ -8,7 +8,6 @@ dataset and configuration it was measured on. Built from the records beside the 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from huggingface_hub import EvalResult, ModelCard
 
 from hf_wavg.records import AVERAGING_FILE, SAFETY_REPORT_FILE
 from hf_wavg.safety.catalog import HEADLINE_METRICS
+from hf_wavg.values import is_finite_number
 
 SAFETY_DATASET_TYPE = "hf_wavg-safety-suite"
 SAFETY_DATASET_NAME = "hf_wavg safety suite"
@@ -64,9 +64,6 @@ def _split_and_metric(key: str, splits: list[str]) -> tuple[str | None, str]:
     return None, name
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
 
 def eval_results(
     directory: str | os.PathLike[str], dataset_name: str | None = None, dataset_type: str | None = None,
@@ -84,7 +81,7 @@ def eval_results(
         for key, value in sorted((summary.get("last_evaluation") or {}).items()):
             if not key.startswith("eval_") or key.startswith("eval_raw_") or key.endswith(_SKIPPED_SUFFIXES):
                 continue
-            if _finite(value):
+            if is_finite_number(value):
                 split, metric = _split_and_metric(key, splits)
                 metric_type, metric_name, metric_args = _STANDARD_METRICS.get(metric, (metric, None, None))
                 results.append(EvalResult(task_type=kind, dataset_type=dataset_type or name, dataset_name=name,
@@ -98,7 +95,7 @@ def eval_results(
         arguments = {key: config[key] for key in _SUITE_SETTINGS if config.get(key) is not None}
         for key, title in HEADLINE_METRICS:
             value = entry["metrics"].get(key)
-            if _finite(value):
+            if is_finite_number(value):
                 results.append(EvalResult(
                     task_type=kind, dataset_type=SAFETY_DATASET_TYPE, dataset_name=SAFETY_DATASET_NAME,
                     dataset_config=",".join(languages) if languages else "all languages", dataset_args=arguments,

@@ -231,7 +231,8 @@ class WAvgConfig:
         """The share of training the average is to span: ``horizon``, or the default EMA
         horizon when neither it nor ``ema_decay`` is set; None when the method's own settings rule."""
         method = METHODS[self.method]
-        if self.horizon is None and method.horizon_default_unless and getattr(self, method.horizon_default_unless) is None:
+        unset = method.horizon_default_unless and getattr(self, method.horizon_default_unless) is None
+        if self.horizon is None and unset:
             return DEFAULT_EMA_HORIZON
         return self.horizon
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from hf_wavg.records import (
 )
 from hf_wavg.safety.catalog import HEADLINE_METRICS
 from hf_wavg.safety.lexicons import available_languages
+from hf_wavg.values import is_finite_number
 
 CARD_MARKER = "(hf_wavg)"  # every hf_wavg section's heading ends with it
 PLOT_MARKDOWN = f"![Safety metrics over training]({SAFETY_PLOT_FILE})\n"  # the plot in a model card
@@ -111,14 +111,14 @@ def _averages_table(summary: dict[str, Any]) -> list[str]:
             cells.append(f"{delta['value']:+.3f} [{delta['ci_low']:+.3f}, {delta['ci_high']:+.3f}]" if delta else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     raw = {metric: summary.get("last_evaluation", {}).get(f"eval_raw_{metric}") for metric in metrics}
-    if any(_finite(value) for value in raw.values()):
+    if any(is_finite_number(value) for value in raw.values()):
         lines.append("| raw weights | | | " + " | ".join(_number(raw[m]) for m in metrics)
                      + " |" + " |" * len(safety))
     return lines
 
 
 def _number(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
+    return f"{value:.4f}" if is_finite_number(value) else "n/a"
 
 
 def soup_trials_table(record: dict[str, Any]) -> str:
@@ -261,7 +261,8 @@ def format_table(entries: list[dict[str, Any]], confidence_level: float, title: 
 def worst_cell(metrics: dict[str, float | None]) -> str | None:
     """The (language/family) cell whose paired group gap is largest."""
     gaps = {key[len("counterfactual/"):-len("/group_gap")]: value for key, value in metrics.items()
-            if key.startswith("counterfactual/") and key.endswith("/group_gap") and key.count("/") == 3 and _finite(value)}
+            if key.startswith("counterfactual/") and key.endswith("/group_gap") and key.count("/") == 3
+            and is_finite_number(value)}
     return max(gaps, key=gaps.__getitem__) if gaps else None
 
 
@@ -295,18 +296,16 @@ def _latest_entry(history: list[dict[str, Any]], weights: str) -> dict[str, Any]
     return next((entry for entry in reversed(history) if entry["weights"] == weights), None)
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
 
 def _cell(metrics: dict[str, float | None], key: str, signed: bool = False) -> str:
     """``value [low, high]``; a saved report stores non-finite values as null."""
     value = metrics.get(key)
-    if not _finite(value):
+    if not is_finite_number(value):
         return "n/a"
     number = "{:+.3f}" if signed else "{:.3f}"
     low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
-    interval = f" [{number.format(low)}, {number.format(high)}]" if _finite(low) and _finite(high) else ""
+    bounded = is_finite_number(low) and is_finite_number(high)
+    interval = f" [{number.format(low)}, {number.format(high)}]" if bounded else ""
     return number.format(value) + interval
 
 

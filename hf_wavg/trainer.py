@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -34,6 +33,7 @@ from hf_wavg.safety.config import SafetyConfig
 from hf_wavg.safety.logit_pairing import logit_pairing_penalty
 from hf_wavg.safety_monitor import SafetyMonitor
 from hf_wavg.state_io import has_state
+from hf_wavg.values import is_finite_number
 
 logger = logging.getLogger(__name__)
 CONSOLE_CALLBACKS = (PrinterCallback, ProgressCallback)
@@ -48,9 +48,6 @@ def _prints_to_console(callback: Any) -> bool:
     return isinstance(callback, CONSOLE_CALLBACKS) or (
         notebook is not None and isinstance(callback, notebook.NotebookProgressCallback))
 
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class WAvgTrainer(Trainer):
@@ -180,7 +177,7 @@ class WAvgTrainer(Trainer):
         first of equals), or None when none is scored."""
         metric = (self.args.metric_for_best_model or "").removeprefix(f"{prefix}_").removeprefix("eval_")
         scores = {name: metrics.get(f"{prefix}_{name}_{metric}") for name in self.average_names}
-        scores = {name: float(v) for name, v in scores.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        scores = {name: float(v) for name, v in scores.items() if is_finite_number(v)}
         if not scores:
             return None
         return (max if self.args.greater_is_better else min)(scores, key=scores.__getitem__)
@@ -468,7 +465,7 @@ class WAvgTrainer(Trainer):
                 key: {part: deltas[f"delta/{key}{suffix}"] for part, suffix in (("value", ""), ("ci_low", "_ci_low"),
                                                                                   ("ci_high", "_ci_high"))}
                 for key, _ in HEADLINE_METRICS
-                if all(_finite(deltas.get(f"delta/{key}{suffix}")) for suffix in ("", "_ci_low", "_ci_high"))
+                if all(is_finite_number(deltas.get(f"delta/{key}{suffix}")) for suffix in ("", "_ci_low", "_ci_high"))
             }
         return entry
 

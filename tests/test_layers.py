@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_wavg"
 # Inside out; a module's layer is that of its longest listed prefix.
 LAYERS = (
-    ("hf_wavg._lazy", "hf_wavg.records"),
+    ("hf_wavg._lazy", "hf_wavg.records", "hf_wavg.values"),
     ("hf_wavg.averaging",),
     ("hf_wavg.params", "hf_wavg.sharding"),
     ("hf_wavg.state_io", "hf_wavg.averager"),
