@@ -1,4 +1,5 @@
-"""hf_wavg: weight averaging (EMA, SWA, LAWA) for the Hugging Face Trainer, with safety evaluation."""
+"""hf_wavg: weight averaging (EMA, SWA, LAWA, BEMA, post-hoc EMA) for the Hugging Face Trainer, with safety
+evaluation."""
 
 from typing import TYPE_CHECKING
 
@@ -6,7 +7,7 @@ from hf_wavg._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from hf_wavg.averager import WeightAverager
-    from hf_wavg.averaging import EMA, LAWA, SWA, AveragingStrategy, DecaySchedule
+    from hf_wavg.averaging import BEMA, EMA, LAWA, SWA, AveragingStrategy, DecaySchedule, PostHocEMA
     from hf_wavg.callback import WAvgCallback
     from hf_wavg.callback_group import WAvgCallbacks
     from hf_wavg.config import WAvgConfig
@@ -19,9 +20,11 @@ if TYPE_CHECKING:
 # transformers, peft and evaluate load only when something needs them.
 _EXPORTS = {
     "WeightAverager": "hf_wavg.averager",
+    "BEMA": "hf_wavg.averaging",
     "EMA": "hf_wavg.averaging",
     "LAWA": "hf_wavg.averaging",
     "SWA": "hf_wavg.averaging",
+    "PostHocEMA": "hf_wavg.averaging",
     "AveragingStrategy": "hf_wavg.averaging",
     "DecaySchedule": "hf_wavg.averaging",
     "WAvgCallback": "hf_wavg.callback",
@@ -40,9 +43,11 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __version__ = "0.1.0"
 
 __all__ = [
+    "BEMA",
     "EMA",
     "LAWA",
     "SWA",
+    "PostHocEMA",
     "AveragerStateError",
     "AveragingStrategy",
     "DecaySchedule",

@@ -77,3 +77,19 @@ def test_the_checker_sees_a_violation(tmp_path):
     module.write_text("def f():\n    from hf_wavg.trainer import WAvgTrainer\n", encoding="utf-8")
     assert runtime_imports(module) == {"hf_wavg.trainer"}
     assert layer_of("hf_wavg.trainer") > layer_of("hf_wavg.state_io")
+
+
+def test_every_registered_method_is_exported_at_the_top_level():
+    import hf_wavg
+    from hf_wavg.averaging.methods import METHODS
+
+    exported = {getattr(hf_wavg, name) for name in hf_wavg.__all__ if name[0].isupper()}
+    assert {method.strategy_class() for method in METHODS.values()} <= exported
+
+
+def test_the_checkpoint_readers_trainer_state_name_is_transformers_own():
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    from hf_wavg.posthoc.checkpoints import TRAINER_STATE_FILE
+
+    assert TRAINER_STATE_FILE == TRAINER_STATE_NAME

@@ -167,9 +167,11 @@ class CheckpointReader:
         return f"CheckpointReader({str(self.path)!r}, kind={self.kind!r}, files={len(self.files)})"
 
 
+# transformers' TRAINER_STATE_NAME, named here so that reading checkpoints needs no transformers import.
+TRAINER_STATE_FILE = "trainer_state.json"
 # Training state that a Trainer checkpoint holds besides the model; never copied to an average.
 TRAINING_STATE_FILES = (
-    "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
+    "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", TRAINER_STATE_FILE, "training_args.bin",
     STATE_FILE,
 )
 TRAINING_STATE_PREFIXES = ("rng_state", STATE_TENSOR_PREFIX)

@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hf_wavg.posthoc.checkpoints import (
+    TRAINER_STATE_FILE,
     CheckpointError,
     CheckpointReader,
     is_training_state,
@@ -180,7 +181,7 @@ def copy_side_files(source: CheckpointReader, target: Path) -> None:
 
 
 def training_step(reader: CheckpointReader) -> int | None:
-    state = reader.path / "trainer_state.json"
+    state = reader.path / TRAINER_STATE_FILE
     if not state.is_file():
         return None
     return json.loads(state.read_text(encoding="utf-8")).get("global_step")
