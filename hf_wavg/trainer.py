@@ -357,9 +357,13 @@ class WAvgTrainer(Trainer):
             self._unaveraged_warned_at = (self.state.global_step, consequence)
             logger.warning("hf_wavg: NO AVERAGE yet, %s: %s", consequence, reason)
 
+    # Private Trainer methods, overridden or called where no public hook does the job; their
+    # signatures are checked by tests/test_private_trainer_api.py (last checked on transformers 5.25).
+
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         # The norm the Trainer computes every optimizer step tells the callback whether the
-        # step kept the weights finite, so the average need not read them twice.
+        # step kept the weights finite, so the average need not read them twice. No callback
+        # hook receives it.
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         rates = [group.get("lr", float("nan")) for group in self.optimizer.param_groups]
         for callback in self._averages.values():
@@ -367,7 +371,9 @@ class WAvgTrainer(Trainer):
         return grad_norm
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        # Checkpoints hold the raw weights: training resumes from them.
+        # Checkpoints hold the raw weights: training resumes from them. save_model() cannot tell a
+        # checkpoint's save from the others (push_to_hub and the end of training also pass
+        # _internal_call=True), so the checkpoint marks its own.
         self._saving_checkpoint = True
         try:
             super()._save_checkpoint(model, trial)
