@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -29,3 +30,13 @@ def test_ci_runs_both_readme_commands_as_written_demo_first():
     assert all(".venv/bin/pip install torch==2.13.0 " in command for command in block)  # the CPU build
     printed = subprocess.run(["bash", str(CI), "--print"], capture_output=True, text=True, check=True).stdout
     assert printed.splitlines() == block
+
+
+def test_every_link_to_a_section_finds_its_heading():
+    """The contents and the cross-references point at headings that exist (GitHub's anchors:
+    lower case, punctuation dropped, spaces as hyphens)."""
+    text = README.read_text(encoding="utf-8")
+    anchors = {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+               for heading in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+    linked = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert linked and linked <= anchors, linked - anchors
