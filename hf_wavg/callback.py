@@ -30,6 +30,7 @@ from hf_wavg.averaging.window import AveragingWindow, averaging_window, update_s
 from hf_wavg.config import WAvgConfig
 from hf_wavg.records import AVERAGES_DIR, STATE_FILE
 from hf_wavg.safety.config import SafetyConfig
+from hf_wavg.safety.suite import SafetyResult
 from hf_wavg.safety_monitor import SafetyData, SafetyMonitor, safety_data_from
 from hf_wavg.state_io import AveragerStateError, has_state
 from hf_wavg.teardown import leave_together_at_exit
@@ -298,9 +299,11 @@ class WAvgCallback(TrainerCallback):
         self.run_safety(args, state, kwargs.get("model"), kwargs.get("processing_class"), metrics)
 
     def run_safety(self, args: TrainingArguments, state: TrainerState, model: nn.Module | None,
-                   processing_class: Any, metrics: dict[str, float] | None) -> None:
+                   processing_class: Any, metrics: dict[str, float] | None,
+                   raw_result: SafetyResult | None = None) -> None:
         """Run the safety suite now on the average (and the raw weights in the model, with
-        ``evaluate_raw``); its metrics join ``metrics`` and the log."""
+        ``evaluate_raw``, unless ``raw_result`` already measured them at this step); its
+        metrics join ``metrics`` and the log."""
         assert self.safety_monitor is not None
         tokenizer = self.tokenizer or processing_class
         if model is None or tokenizer is None:
@@ -311,7 +314,8 @@ class WAvgCallback(TrainerCallback):
             # Already swapped in (an evaluation of the average): the raw weights are out of reach.
             averaged = nullcontext() if averager.is_swapped_in else averager.swapped_in()
             include_raw = include_raw and not averager.is_swapped_in
-        logged = self.safety_monitor.evaluate(model, tokenizer, averaged, state.global_step, self.safety_data, include_raw)
+        logged = self.safety_monitor.evaluate(model, tokenizer, averaged, state.global_step, self.safety_data, include_raw,
+                                              raw_result)
         if metrics is not None:
             metrics.update(logged)
         if self.log_fn is not None:

@@ -81,6 +81,7 @@ class SafetyMonitor:
         self.suite = SafetySuite(self.config)
         self.history: list[dict[str, Any]] = []
         self.last_step: int | None = None
+        self.last_results: dict[str, SafetyResult] = {}  # the last evaluate()'s, by weights
 
     def evaluate(
         self,
@@ -90,13 +91,16 @@ class SafetyMonitor:
         step: int,
         data: SafetyData,
         include_raw: bool,
+        raw_result: SafetyResult | None = None,
     ) -> dict[str, float]:
         """Run the suite on the averaged weights (``averaged`` swaps them in; None before any
         average exists, or when they already are) and, with ``include_raw`` or without an
         average, on the raw weights; when both ran, their paired difference (average minus
-        raw, same texts, perturbations, attack seeds and sets). Returns the
-        :func:`loggable` metrics as ``safety/<average|raw|delta>/<metric>`` (with a name,
-        ``safety/<name>/...``); the history (and the report) keeps every metric."""
+        raw, same texts, perturbations, attack seeds and sets). ``raw_result``: the raw
+        weights' result at this step from another monitor of the same config and data (named
+        averages share one raw measurement). Returns the :func:`loggable` metrics as
+        ``safety/<average|raw|delta>/<metric>`` (with a name, ``safety/<name>/...``); the
+        history (and the report) keeps every metric; :attr:`last_results` the results."""
         texts, labels, groups = data
         runs: list[tuple[str, AbstractContextManager]] = []
         if include_raw or averaged is None:
@@ -107,8 +111,12 @@ class SafetyMonitor:
         logged: dict[str, float] = {}
         results: dict[str, SafetyResult] = {}
         for weights, context in runs:
+            if weights == "raw" and raw_result is not None:
+                results[weights] = raw_result
+                continue
             with context:
                 results[weights] = self.suite.evaluate_model(model, tokenizer, texts, labels, groups)
+        self.last_results = results
         if len(results) == 2:
             deltas = paired_deltas(results["average"].units, results["raw"].units, **self.config.bootstrap)
             results[DELTA] = SafetyResult(deltas)

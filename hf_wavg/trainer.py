@@ -286,11 +286,14 @@ class WAvgTrainer(Trainer):
             evaluate_all(prefix)
             return metrics
         # The safety suite first, while the raw weights are in the model: every average is
-        # paired with the same raw weights.
+        # paired with the same raw weights, measured once (the monitors share one config and data).
+        raw_result = None
         for callback in self._averages.values():
             monitor = callback.safety_monitor
             if monitor is not None and not monitor.config.safety_every_updates and monitor.last_step is None:
-                callback.run_safety(self.args, self.state, self.model, self.processing_class, metrics)
+                callback.run_safety(self.args, self.state, self.model, self.processing_class, metrics, raw_result)
+                if raw_result is None:
+                    raw_result = monitor.last_results.get("raw")
         if self.wavg_config.evaluate_raw:
             evaluate_all(f"{prefix}_raw")
         for name in ready:

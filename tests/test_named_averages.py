@@ -17,7 +17,7 @@ from hf_wavg import WAvgConfig
 from hf_wavg.callback_group import check_named_configs
 from hf_wavg.card_results import eval_results
 from hf_wavg.records import AVERAGES_DIR, AVERAGING_FILE, SAFETY_REPORT_FILE, STATE_FILE, named_file
-from hf_wavg.safety import SafetyConfig
+from hf_wavg.safety import SafetyConfig, SafetySuite
 from hf_wavg.state_io import load_state
 from tests.trainer_helpers import SMALL_SAFETY, averaged_named, make_trainer, raw_state, safety_texts
 
@@ -127,11 +127,24 @@ def test_every_named_average_resumes_bit_for_bit(minilm_path, tmp_path):
     assert full._last_resumable_checkpoint() == str(checkpoint)
 
 
-def test_each_named_average_gets_its_safety_run_paired_with_the_same_raw_weights(minilm_path, tmp_path):
+def test_each_named_average_gets_its_safety_run_paired_with_the_same_raw_weights(minilm_path, tmp_path, monkeypatch):
     trainer = make_trainer(minilm_path, tmp_path / "run", CONFIGS, wavg_selection="ema",
                            safety_config=SafetyConfig(**SMALL_SAFETY), safety_dataset=safety_texts())
     trainer.train()
+    runs = []
+    measure = SafetySuite.evaluate_model
+    monkeypatch.setattr(SafetySuite, "evaluate_model", lambda suite, *a, **k: runs.append(1) or measure(suite, *a, **k))
     metrics = trainer.evaluate()
+    assert len(runs) == len(CONFIGS) + 1  # the raw weights measured once for every average
+    monkeypatch.undo()
+    # ... and that one measurement is the raw weights', as a suite of its own measures them.
+    texts = safety_texts()
+    alone = SafetySuite(SafetyConfig(**SMALL_SAFETY)).evaluate_model(trainer.model, trainer.processing_class,
+                                                                      texts["text"], texts["label"])
+    shared = [key for key in alone.metrics if f"safety/ema/raw/{key}" in metrics and not key.endswith("seconds")]
+    assert len(shared) > 10
+    assert {key: metrics[f"safety/ema/raw/{key}"] for key in shared} == pytest.approx(
+        {key: alone.metrics[key] for key in shared}, abs=1e-12, nan_ok=True)
     for name in CONFIGS:
         key = "calibration/brier"
         difference = metrics[f"safety/{name}/average/{key}"] - metrics[f"safety/{name}/raw/{key}"]
