@@ -25,7 +25,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_wavg.averager import WeightAverager
-from hf_wavg.averaging.strategies import EMA
+from hf_wavg.averaging.methods import METHODS
 from hf_wavg.averaging.window import AveragingWindow, averaging_window, update_steps
 from hf_wavg.config import WAvgConfig
 from hf_wavg.records import AVERAGES_DIR, STATE_FILE
@@ -153,10 +153,11 @@ class WAvgCallback(TrainerCallback):
         self.total_steps = state.max_steps
         self.update_steps = update_steps(self.first_step, self.run_config.update_every, state.max_steps)
         self._announce_window(state)
-        if self.config.method == "posthoc_ema" and args.save_strategy == "no" and state.is_world_process_zero:
-            logger.warning("hf_wavg: method='posthoc_ema' stores its EMA profiles in checkpoints, and this run saves "
-                           "none (save_strategy='no'): hf-wavg posthoc-ema will have nothing to synthesise from. "
-                           "Save a checkpoint every ~10% of training")
+        method = METHODS[self.config.method]
+        if method.needs_checkpoints and args.save_strategy == "no" and state.is_world_process_zero:
+            logger.warning("hf_wavg: method=%r stores what it averages in checkpoints, and this run saves none "
+                           "(save_strategy='no'): %s. Save a checkpoint every ~10%% of training",
+                           method.name, method.needs_checkpoints)
         # Weights are read once (the first update checks them); after that a step with a
         # finite gradient norm keeps them finite. Half-precision weights can overflow.
         self._finite_since_check, self._step_signal = None, None
@@ -191,15 +192,9 @@ class WAvgCallback(TrainerCallback):
                 self.config.horizon_in_effect, planned.promised_steps, planned.snapshots, planned.update_every,
                 planned.window_steps,
             )
-        decay, strategy = self.config.ema_decay, self.averager.strategy if self.averager else None
-        if isinstance(strategy, EMA) and self.config.horizon is None and decay is not None and planned.snapshots > 1:
-            reached = strategy.schedule(planned.snapshots - 1)
-            if reached < decay:
-                logger.warning(
-                    "hf_wavg: ema_decay=%g never takes effect in this run: its warm-up caps the decay at %.4g by the "
-                    "last of its %d updates. Set WAvgConfig(horizon=...) to choose the span instead",
-                    decay, reached, planned.snapshots,
-                )
+        unmet = self.averager.strategy.unmet_setting(planned.snapshots) if self.averager else None
+        if unmet is not None:
+            logger.warning("hf_wavg: %s. Set WAvgConfig(horizon=...) to choose the span instead", unmet)
 
     def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
         assert self.averager is not None

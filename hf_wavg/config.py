@@ -20,7 +20,7 @@ from torch import nn
 from hf_wavg.averager import WeightAverager
 from hf_wavg.averaging.methods import METHOD_NAMES, METHOD_SETTINGS, METHODS
 from hf_wavg.averaging.posthoc_ema import validate_sigma_rels
-from hf_wavg.averaging.schedules import SCHEDULES, ScheduleName
+from hf_wavg.averaging.schedules import ScheduleName
 from hf_wavg.averaging.strategies import AveragingStrategy
 
 DEFAULT_EMA_HORIZON = 0.2  # share of the run an EMA spans when neither horizon nor ema_decay is set
@@ -36,6 +36,11 @@ def _value_types(hint: Any) -> tuple[set[Any], bool]:
     options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
     kinds = {str if get_origin(option) is Literal else option for option in options}
     return kinds - {type(None)}, type(None) in kinds
+
+
+def _literal_fields() -> dict[str, tuple[str, ...]]:
+    """The fields typed as a ``Literal``, with their choices."""
+    return {name: get_args(hint) for name, hint in get_type_hints(WAvgConfig).items() if get_origin(hint) is Literal}
 
 
 def _defaults() -> dict[str, Any]:
@@ -141,9 +146,8 @@ class WAvgConfig:
     def __post_init__(self) -> None:
         self._check_types()
         self._check_choice("method", METHOD_NAMES)
-        self._check_choice("ema_schedule", SCHEDULES)
-        self._check_choice("average_parameters", ("trainable", "all"))
-        self._check_choice("average_buffers", ("copy", "average"))
+        for name, choices in _literal_fields().items():  # each list of choices is spelled once, in its type
+            self._check_choice(name, choices)
         if self.ema_decay is not None:
             self._check(0.0 < self.ema_decay < 1.0, "ema_decay", "in the open interval (0, 1) or None")
         if self.horizon is not None:

@@ -31,6 +31,8 @@ class Method:
         horizon_default_unless: the field whose value, when left None, means "span the
             default horizon"; None if the method has no default horizon.
         card_keys: the keys of the strategy's ``describe()`` that the model card shows, in order.
+        needs_checkpoints: for a method whose result is made from checkpoints after training,
+            what a run that saves none loses (a warning says it); empty otherwise.
     """
 
     name: str
@@ -40,6 +42,7 @@ class Method:
     horizon_sets: tuple[str, ...] = ()
     horizon_default_unless: str | None = None
     card_keys: tuple[str, ...] = ()
+    needs_checkpoints: str = ""
 
     def strategy_class(self) -> type[AveragingStrategy]:
         module, name = self.strategy.split(":")
@@ -74,6 +77,7 @@ METHODS: dict[str, Method] = {
             "posthoc_ema", "power-function EMA profiles saved in every checkpoint, so that the EMA length is chosen "
             "after training (hf-wavg posthoc-ema)", "hf_wavg.averaging.posthoc_ema:PostHocEMA",
             settings=("posthoc_ema_sigma_rels",), card_keys=("sigma_rels",),
+            needs_checkpoints="hf-wavg posthoc-ema will have nothing to synthesise from",
         ),
     )
 }

@@ -94,6 +94,14 @@ class AveragingStrategy(ABC):
         """How many of the latest snapshots the average spans after ``num_updates``."""
         return float(num_updates)
 
+    # What :meth:`effective_window` counts, for the sentence that announces it.
+    window_meaning = "the snapshots averaged"
+
+    def unmet_setting(self, num_updates: int) -> str | None:
+        """A sentence naming a setting that never takes effect within ``num_updates`` updates
+        (None when every setting does)."""
+        return None
+
 
 class RunningAverage(AveragingStrategy):
     """``avg <- avg + weight_n * (w - avg)`` where ``n`` snapshots are already folded in.
@@ -169,6 +177,15 @@ class EMA(RunningAverage):
         if num_updates <= 1:
             return float(num_updates)
         return min(float(num_updates), 1.0 / self.weight(num_updates - 1))
+
+    window_meaning = "1/(1-decay) at the last update"
+
+    def unmet_setting(self, num_updates: int) -> str | None:
+        reached = self.schedule(num_updates - 1) if num_updates > 1 else self.schedule.decay
+        if reached >= self.schedule.decay:
+            return None
+        return (f"ema_decay={self.schedule.decay:g} never takes effect in this run: its warm-up caps the decay at "
+                f"{reached:.4g} by the last of its {num_updates} updates")
 
     def describe(self) -> dict[str, Any]:
         s = self.schedule

@@ -34,6 +34,7 @@ class AveragingWindow:
     total_steps: int
     update_every: int = 1
     promised_steps: float | None = None  # what the horizon in effect promises at the end of the run
+    meaning: str = "the snapshots averaged"  # what the window counts (the strategy's window_meaning)
 
     @property
     def share(self) -> float:
@@ -63,9 +64,8 @@ class AveragingWindow:
     def sentence(self) -> str:
         if not self.snapshots:
             return f"{self.method.upper()}: no snapshot is folded in within the {self.total_steps}-step run"
-        what = "1/(1-decay) at the last update" if self.method == "ema" else "the snapshots averaged"
         return (f"{self.method.upper()} over {self.snapshots} snapshots (steps {self.first_step}-{self.last_step}); "
-                f"effective window {self.window_steps:.0f} steps ({what}), {self.share:.0%} of the "
+                f"effective window {self.window_steps:.0f} steps ({self.meaning}), {self.share:.0%} of the "
                 f"{self.total_steps}-step run")
 
 
@@ -83,4 +83,5 @@ def averaging_window(strategy: AveragingStrategy, num_updates: int, steps: range
         total_steps=total_steps,
         update_every=steps.step,
         promised_steps=promised_steps,
+        meaning=strategy.window_meaning,
     )
