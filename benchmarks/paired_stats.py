@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import stats
 
+from hf_wavg.safety.stats import resample_weights
+
 # A seed's difference under unit weights: (replicates, units) -> (replicates,).
 SeedDifference = Callable[[np.ndarray], np.ndarray]
 
@@ -25,9 +27,7 @@ Z_80_POWER = stats.norm.ppf(0.8)
 
 def unit_weights(rng: np.random.Generator, replicates: int, n_units: int) -> np.ndarray:
     """(replicates, units) multiplicities of a bootstrap resample of the units."""
-    indices = rng.integers(0, n_units, size=(replicates, n_units))
-    rows = np.arange(replicates)[:, None] * n_units
-    return np.bincount((rows + indices).ravel(), minlength=replicates * n_units).reshape(replicates, n_units).astype(float)
+    return resample_weights(rng.integers(0, n_units, size=(replicates, n_units)), n_units)
 
 
 def paired_effect(
