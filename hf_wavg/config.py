@@ -17,6 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import torch
 from torch import nn
 
+from hf_wavg._fields import help_text
 from hf_wavg.averager import WeightAverager
 from hf_wavg.averaging.methods import METHOD_NAMES, METHOD_SETTINGS, METHODS
 from hf_wavg.averaging.posthoc_ema import validate_sigma_rels
@@ -26,9 +27,6 @@ from hf_wavg.averaging.strategies import AveragingStrategy
 DEFAULT_EMA_HORIZON = 0.2  # share of the run an EMA spans when neither horizon nor ema_decay is set
 logger = logging.getLogger(__name__)
 
-
-def _help(text: str) -> Any:
-    return {"help": text}
 
 
 def _value_types(hint: Any) -> tuple[set[Any], bool]:
@@ -59,7 +57,7 @@ class WAvgConfig:
     )
     horizon: float | None = field(
         default=None,
-        metadata=_help(
+        metadata=help_text(
             "Average over about this share of training, in (0, 1]: EMA with time constant horizon/2 of the run "
             "(that last share holds 86% of the weight; the mean warm-up, which reaches it in any run), SWA over "
             "the last horizon*max_steps steps, LAWA's k snapshots spread over it. Set from max_steps when training "
@@ -68,79 +66,82 @@ class WAvgConfig:
         ),
     )
     ema_decay: float | None = field(
-        default=None, metadata=_help("EMA decay cap beta, in (0, 1); None: set by horizon.")
+        default=None, metadata=help_text("EMA decay cap beta, in (0, 1); None: set by horizon.")
     )
     ema_schedule: ScheduleName = field(
         default="rational",
-        metadata=_help("EMA warm-up of an explicit ema_decay: constant, rational min(d,(1+t)/(10+t)), power "
-                       "min(d,1-(1+t/gamma)^-p) or mean min(d,t/(1+t)). A horizon always uses mean."),
+        metadata=help_text("EMA warm-up of an explicit ema_decay: constant, rational min(d,(1+t)/(10+t)), power "
+                           "min(d,1-(1+t/gamma)^-p) or mean min(d,t/(1+t)). A horizon always uses mean."),
     )
-    ema_power: float = field(default=2.0 / 3.0, metadata=_help("Exponent p of the power schedule (> 0)."))
-    ema_gamma: float = field(default=1.0, metadata=_help("Scale gamma of the power schedule (> 0)."))
-    lawa_k: int = field(default=5, metadata=_help("LAWA: number of latest snapshots averaged (>= 1)."))
+    ema_power: float = field(default=2.0 / 3.0, metadata=help_text("Exponent p of the power schedule (> 0)."))
+    ema_gamma: float = field(default=1.0, metadata=help_text("Scale gamma of the power schedule (> 0)."))
+    lawa_k: int = field(default=5, metadata=help_text("LAWA: number of latest snapshots averaged (>= 1)."))
     bema_ema_power: float = field(
         default=0.5,
-        metadata=_help("BEMA: exponent k of the EMA weight max((lag + multiplier t)^-k, bema_min_ema_multiplier), "
-                       "t the optimizer step; 0 disables the EMA (>= 0)."),
+        metadata=help_text("BEMA: exponent k of the EMA weight max((lag + multiplier t)^-k, bema_min_ema_multiplier), "
+                           "t the optimizer step; 0 disables the EMA (>= 0)."),
     )
     bema_bias_power: float = field(
         default=0.2,
-        metadata=_help("BEMA: exponent of the correction weight (lag + multiplier t)^-power on (w_t - w_0) (>= 0)."),
+        metadata=help_text(
+            "BEMA: exponent of the correction weight (lag + multiplier t)^-power on (w_t - w_0) (>= 0)."),
     )
-    bema_lag: float = field(default=10.0, metadata=_help("BEMA: virtual starting age in optimizer steps (>= 0)."))
-    bema_multiplier: float = field(default=1.0, metadata=_help("BEMA: scale of the step t in lag + multiplier t (> 0)."))
-    bema_min_ema_multiplier: float = field(default=0.0, metadata=_help("BEMA: floor of the EMA weight, in [0, 1]."))
+    bema_lag: float = field(default=10.0, metadata=help_text("BEMA: virtual starting age in optimizer steps (>= 0)."))
+    bema_multiplier: float = field(
+        default=1.0, metadata=help_text("BEMA: scale of the step t in lag + multiplier t (> 0).")
+    )
+    bema_min_ema_multiplier: float = field(default=0.0, metadata=help_text("BEMA: floor of the EMA weight, in [0, 1]."))
     posthoc_ema_sigma_rels: list[float] = field(
         default_factory=lambda: [0.05, 0.10],
-        metadata=_help("posthoc_ema: relative widths (Karras et al. 2024) of the power-function EMA profiles kept "
-                       "during training and saved in every checkpoint; hf-wavg posthoc-ema synthesises any other "
-                       "width from them. Each in (0, 0.2887]."),
+        metadata=help_text("posthoc_ema: relative widths (Karras et al. 2024) of the power-function EMA profiles kept "
+                           "during training and saved in every checkpoint; hf-wavg posthoc-ema synthesises any other "
+                           "width from them. Each in (0, 0.2887]."),
     )
-    update_every: int = field(default=1, metadata=_help("Fold the weights in every N optimizer steps (>= 1)."))
-    start_step: int = field(default=0, metadata=_help("First optimizer step that may be folded in (>= 0)."))
+    update_every: int = field(default=1, metadata=help_text("Fold the weights in every N optimizer steps (>= 1)."))
+    start_step: int = field(default=0, metadata=help_text("First optimizer step that may be folded in (>= 0)."))
     start_fraction: float | None = field(
-        default=None, metadata=_help("Start at this fraction of training, in [0, 1); overrides start_step.")
+        default=None, metadata=help_text("Start at this fraction of training, in [0, 1); overrides start_step.")
     )
     average_parameters: Literal["trainable", "all"] = field(
-        default="trainable", metadata=_help("Average trainable parameters only (LoRA adapters for PEFT) or all.")
+        default="trainable", metadata=help_text("Average trainable parameters only (LoRA adapters for PEFT) or all.")
     )
     average_name_regex: str | None = field(
-        default=None, metadata=_help("Only average tensors whose name matches this regular expression.")
+        default=None, metadata=help_text("Only average tensors whose name matches this regular expression.")
     )
     average_buffers: Literal["copy", "average"] = field(
-        default="copy", metadata=_help("Float buffers: keep the live model's (copy) or average them.")
+        default="copy", metadata=help_text("Float buffers: keep the live model's (copy) or average them.")
     )
-    offload_to_cpu: bool = field(default=False, metadata=_help("Keep the average in CPU memory."))
+    offload_to_cpu: bool = field(default=False, metadata=help_text("Keep the average in CPU memory."))
     shard_average: bool = field(
         default=True,
-        metadata=_help(
+        metadata=help_text(
             "Data parallel (DDP, ZeRO-1/2): each rank keeps 1/world_size of the average, gathered only to evaluate "
             "or save it. False keeps a full copy on every rank. FSDP and ZeRO-3 shards are always averaged locally."
         ),
     )
-    skip_non_finite: bool = field(default=True, metadata=_help("Skip snapshots holding NaN or inf."))
-    evaluate_average: bool = field(default=True, metadata=_help("evaluate() reports the average's metrics."))
+    skip_non_finite: bool = field(default=True, metadata=help_text("Skip snapshots holding NaN or inf."))
+    evaluate_average: bool = field(default=True, metadata=help_text("evaluate() reports the average's metrics."))
     evaluate_raw: bool = field(
-        default=False, metadata=_help("Also evaluate the raw weights, under the prefix '<prefix>_raw'.")
+        default=False, metadata=help_text("Also evaluate the raw weights, under the prefix '<prefix>_raw'.")
     )
     predict_average: bool = field(
-        default=True, metadata=_help("predict() uses the average, like evaluate(); False: the raw weights.")
+        default=True, metadata=help_text("predict() uses the average, like evaluate(); False: the raw weights.")
     )
-    save_average: bool = field(default=True, metadata=_help("save_model() and push_to_hub() write the average."))
+    save_average: bool = field(default=True, metadata=help_text("save_model() and push_to_hub() write the average."))
     load_average_at_end: bool = field(
-        default=False, metadata=_help("Replace the model's weights by the average when training ends.")
+        default=False, metadata=help_text("Replace the model's weights by the average when training ends.")
     )
     refine_every_epochs: int = field(
-        default=0, metadata=_help("Every k epochs load the average into the model and train on from it (0: never).")
+        default=0, metadata=help_text("Every k epochs load the average into the model and train on from it (0: never).")
     )
     restart_average_on_resume: bool = field(
-        default=False, metadata=_help("On resume, start a new average instead of loading the checkpoint's.")
+        default=False, metadata=help_text("On resume, start a new average instead of loading the checkpoint's.")
     )
     recompute_batchnorm: bool = field(
-        default=False, metadata=_help("Recompute BatchNorm statistics of the average before evaluating it.")
+        default=False, metadata=help_text("Recompute BatchNorm statistics of the average before evaluating it.")
     )
     batchnorm_batches: int | None = field(
-        default=None, metadata=_help("Batches used to recompute BatchNorm statistics (None: one epoch).")
+        default=None, metadata=help_text("Batches used to recompute BatchNorm statistics (None: one epoch).")
     )
 
     def __post_init__(self) -> None:

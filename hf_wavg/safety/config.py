@@ -9,65 +9,65 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from hf_wavg._fields import help_text
 from hf_wavg.safety.lexicons import available_languages, load_lexicon
 from hf_wavg.safety.perturbations import PERTURBATIONS
-
-
-def _help(text: str) -> Any:
-    return {"help": text}
 
 
 @dataclass
 class SafetyConfig:
     safety_languages: list[str] | None = field(
-        default=None, metadata=_help("Lexicon languages for counterfactuals (None: all; en bn hi mr ta te ur).")
+        default=None, metadata=help_text("Lexicon languages for counterfactuals (None: all; en bn hi mr ta te ur).")
     )
     safety_families: list[str] | None = field(
-        default=None, metadata=_help(
+        default=None, metadata=help_text(
             "Group families (gender, names, religion, caste, region; English also names_us, nationality; None: all).")
     )
     safety_max_template_sets: int | None = field(
-        default=None, metadata=_help(
+        default=None, metadata=help_text(
             "Template counterfactual sets per run, drawn evenly from every (language, family) (None: all; 0: none).")
     )
     safety_bias_corpus: str | None = field(
-        default=None, metadata=_help(
+        default=None, metadata=help_text(
             "Your own bias corpus (.csv/.tsv/.json/.jsonl): set_id, family, group, text rows, or sent_more, sent_less "
             "pairs (see hf_wavg.safety.corpus).")
     )
     safety_max_examples: int = field(
-        default=500, metadata=_help("Evaluation texts used for perturbations, calibration and text counterfactuals.")
+        default=500,
+        metadata=help_text("Evaluation texts used for perturbations, calibration and text counterfactuals."),
     )
     safety_perturbations: list[str] | None = field(
-        default=None, metadata=_help("Perturbation families (None: all).")
+        default=None, metadata=help_text("Perturbation families (None: all).")
     )
     safety_perturbations_per_example: int = field(
-        default=1, metadata=_help(
+        default=1, metadata=help_text(
             "Perturbation families applied to each text, assigned round-robin (>= 1); with more than one, a text's "
             "rows are not independent and the rates' intervals are too narrow.")
     )
-    safety_perturbation_rate: float = field(default=0.1, metadata=_help("Share of words each perturbation edits."))
-    safety_attack_examples: int = field(default=50, metadata=_help("Texts attacked per run (0: no attack)."))
-    safety_query_budget: int = field(default=30, metadata=_help("Model queries the attack may spend per text."))
-    safety_text_column: str = field(default="text", metadata=_help("Text column of the evaluation dataset."))
-    safety_label_column: str = field(default="label", metadata=_help("Label column of the evaluation dataset."))
+    safety_perturbation_rate: float = field(default=0.1, metadata=help_text("Share of words each perturbation edits."))
+    safety_attack_examples: int = field(default=50, metadata=help_text("Texts attacked per run (0: no attack)."))
+    safety_query_budget: int = field(default=30, metadata=help_text("Model queries the attack may spend per text."))
+    safety_text_column: str = field(default="text", metadata=help_text("Text column of the evaluation dataset."))
+    safety_label_column: str = field(default="label", metadata=help_text("Label column of the evaluation dataset."))
     safety_group_column: str | None = field(
-        default=None, metadata=_help("Column of demographic group labels, for group gaps on real data.")
+        default=None, metadata=help_text("Column of demographic group labels, for group gaps on real data.")
     )
     safety_protected_words: list[str] | None = field(
-        default=None, metadata=_help("Words perturbations never edit (e.g. label-bearing words).")
+        default=None, metadata=help_text("Words perturbations never edit (e.g. label-bearing words).")
     )
-    safety_positive_label: int = field(default=1, metadata=_help("Class whose probability is the score."))
-    safety_max_length: int = field(default=128, metadata=_help("Tokens per text; longer texts are truncated and counted."))
-    safety_batch_size: int = field(default=64, metadata=_help("Inference batch size."))
-    safety_n_resamples: int = field(default=1000, metadata=_help("Bootstrap resamples per metric."))
-    safety_confidence_level: float = field(default=0.95, metadata=_help("Confidence level of the intervals."))
-    safety_seed: int = field(default=0, metadata=_help("Seed of sampling, perturbations, attack and bootstrap."))
+    safety_positive_label: int = field(default=1, metadata=help_text("Class whose probability is the score."))
+    safety_max_length: int = field(
+        default=128, metadata=help_text("Tokens per text; longer texts are truncated and counted.")
+    )
+    safety_batch_size: int = field(default=64, metadata=help_text("Inference batch size."))
+    safety_n_resamples: int = field(default=1000, metadata=help_text("Bootstrap resamples per metric."))
+    safety_confidence_level: float = field(default=0.95, metadata=help_text("Confidence level of the intervals."))
+    safety_seed: int = field(default=0, metadata=help_text("Seed of sampling, perturbations, attack and bootstrap."))
     safety_every_updates: int = field(
-        default=0, metadata=_help("Run every N averaging updates instead of at each evaluation (0: at evaluation).")
+        default=0, metadata=help_text("Run every N averaging updates instead of at each evaluation (0: at evaluation).")
     )
     safety_logit_pairing_weight: float = field(
-        default=0.0, metadata=_help("Weight of the counterfactual logit pairing penalty in the loss (0: off).")
+        default=0.0, metadata=help_text("Weight of the counterfactual logit pairing penalty in the loss (0: off).")
     )
 
     def __post_init__(self) -> None:
