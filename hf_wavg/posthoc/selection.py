@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from hf_wavg.safety.catalog import greater_is_better as metric_direction
+from hf_wavg.safety import catalog  # catalog.greater_is_better: the parameters of that name shadow it
 
 
 def best_setting(
@@ -19,7 +19,7 @@ def best_setting(
     """The setting whose ``metric`` is best (its declared direction unless
     ``greater_is_better`` says); on a tie the larger setting with ``ties_to_larger``, else
     the one given first. Settings without a finite value are passed over."""
-    sign = 1.0 if (metric_direction(metric) if greater_is_better is None else greater_is_better) else -1.0
+    sign = 1.0 if (catalog.greater_is_better(metric) if greater_is_better is None else greater_is_better) else -1.0
     scored = [(sign * m[metric], setting if ties_to_larger else -index, setting)
               for index, (setting, m) in enumerate(zip(settings, metrics)) if math.isfinite(m.get(metric, math.nan))]
     if not scored:

@@ -15,12 +15,12 @@ from tqdm.auto import tqdm
 
 from hf_wavg.model_card import soup_trials_table
 from hf_wavg.posthoc.checkpoints import CheckpointReader
-from hf_wavg.posthoc.evaluation import greater_is_better as metric_greater_is_better
 from hf_wavg.posthoc.lora_update import LoraMode, resolve_lora_mode
 from hf_wavg.posthoc.merge import Checkpoint, average_checkpoints, open_checkpoints
 from hf_wavg.posthoc.model_weights import load_average_into
 from hf_wavg.posthoc.output import prepare_output_dir
 from hf_wavg.records import MERGE_FILE
+from hf_wavg.safety import catalog  # catalog.greater_is_better: the parameters of that name shadow it
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
 
@@ -104,7 +104,7 @@ def greedy_soup(
     if output_dir is not None:
         # Fail before the evaluations, not after.
         prepare_output_dir(output_dir, overwrite, [reader.path for reader in readers], record=MERGE_FILE)
-    higher_better = metric_greater_is_better(metric) if greater_is_better is None else greater_is_better
+    higher_better = catalog.greater_is_better(metric) if greater_is_better is None else greater_is_better
 
     def score(members: list[CheckpointReader]) -> dict[str, float]:
         load_average_into(model, members, lora_mode=mode, lora_rank=lora_rank)
