@@ -93,3 +93,29 @@ def test_the_checkpoint_readers_trainer_state_name_is_transformers_own():
     from hf_wavg.posthoc.checkpoints import TRAINER_STATE_FILE
 
     assert TRAINER_STATE_FILE == TRAINER_STATE_NAME
+
+
+def readme_layers() -> list[set[str]]:
+    """The layers the README's architecture block lists, in order: a line at the left margin
+    names modules (``x.py``) and packages (``x/``), continued on the next line after a comma."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Architecture", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    layers: list[set[str]] = []
+    continues = False
+    for line in block.splitlines():
+        if not line or line[0] == " ":
+            continues = False
+            continue
+        names = line.split("  ", 1)[0].strip()
+        modules = {"hf_wavg." + name.strip().removesuffix(".py").removesuffix("/")
+                   for name in names.split(",") if name.strip()}
+        if continues:
+            layers[-1] |= modules
+        else:
+            layers.append(modules)
+        continues = names.endswith(",")
+    return layers
+
+
+def test_the_readme_lists_the_layers_this_test_checks():
+    assert readme_layers() == [set(layer) for layer in LAYERS]
