@@ -64,7 +64,6 @@ def _split_and_metric(key: str, splits: list[str]) -> tuple[str | None, str]:
     return None, name
 
 
-
 def eval_results(
     directory: str | os.PathLike[str], dataset_name: str | None = None, dataset_type: str | None = None,
 ) -> list[EvalResult]:

@@ -19,13 +19,13 @@ from huggingface_hub.utils import filter_repo_objects
 
 from hf_wavg.card_file import model_card_text, write_model_card  # noqa: F401 (write_model_card: re-exported)
 from hf_wavg.model_card import AVERAGING_RECORDS, has_averaging_record
-from hf_wavg.records import MODEL_CARD_FILE
 from hf_wavg.posthoc.checkpoints import (
     TRAINING_STATE_FILES,
     TRAINING_STATE_PREFIXES,
     CheckpointReader,
     is_training_state,
 )
+from hf_wavg.records import MODEL_CARD_FILE
 
 logger = logging.getLogger(__name__)
 

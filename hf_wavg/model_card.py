@@ -296,7 +296,6 @@ def _latest_entry(history: list[dict[str, Any]], weights: str) -> dict[str, Any]
     return next((entry for entry in reversed(history) if entry["weights"] == weights), None)
 
 
-
 def _cell(metrics: dict[str, float | None], key: str, signed: bool = False) -> str:
     """``value [low, high]``; a saved report stores non-finite values as null."""
     value = metrics.get(key)

@@ -49,7 +49,6 @@ def _prints_to_console(callback: Any) -> bool:
         notebook is not None and isinstance(callback, notebook.NotebookProgressCallback))
 
 
-
 class WAvgTrainer(Trainer):
     """``transformers.Trainer`` with weight averaging.
 

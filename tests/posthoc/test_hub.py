@@ -20,8 +20,8 @@ from huggingface_hub.repocard import metadata_load
 from safetensors.torch import load as load_safetensors
 
 from hf_wavg import SafetyConfig, WAvgConfig
-from hf_wavg.cli import main
 from hf_wavg.card_file import model_card_text
+from hf_wavg.cli import main
 from hf_wavg.posthoc import average_checkpoints
 from hf_wavg.records import SAFETY_PLOT_FILE as PLOT_FILE
 from hf_wavg.records import SAFETY_REPORT_FILE as REPORT_FILE
