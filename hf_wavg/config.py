@@ -11,6 +11,7 @@ import logging
 import math
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from functools import cache
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -28,7 +29,6 @@ DEFAULT_EMA_HORIZON = 0.2  # share of the run an EMA spans when neither horizon 
 logger = logging.getLogger(__name__)
 
 
-
 def _value_types(hint: Any) -> tuple[set[Any], bool]:
     """The types a field accepts (a Literal's as ``str``) and whether it may be None."""
     options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
@@ -36,9 +36,15 @@ def _value_types(hint: Any) -> tuple[set[Any], bool]:
     return kinds - {type(None)}, type(None) in kinds
 
 
-def _literal_fields() -> dict[str, tuple[str, ...]]:
+@cache
+def _field_types(config_class: type) -> dict[str, Any]:
+    """A config class's resolved field annotations (read once per class: every config checks them)."""
+    return get_type_hints(config_class)
+
+
+def _literal_fields(config_class: type) -> dict[str, tuple[str, ...]]:
     """The fields typed as a ``Literal``, with their choices."""
-    return {name: get_args(hint) for name, hint in get_type_hints(WAvgConfig).items() if get_origin(hint) is Literal}
+    return {name: get_args(hint) for name, hint in _field_types(config_class).items() if get_origin(hint) is Literal}
 
 
 def _defaults() -> dict[str, Any]:
@@ -147,7 +153,7 @@ class WAvgConfig:
     def __post_init__(self) -> None:
         self._check_types()
         self._check_choice("method", METHOD_NAMES)
-        for name, choices in _literal_fields().items():  # each list of choices is spelled once, in its type
+        for name, choices in _literal_fields(type(self)).items():  # each list of choices is spelled once, in its type
             self._check_choice(name, choices)
         if self.ema_decay is not None:
             self._check(0.0 < self.ema_decay < 1.0, "ema_decay", "in the open interval (0, 1) or None")
@@ -184,7 +190,7 @@ class WAvgConfig:
     def _check_types(self) -> None:
         """Refuse values of the wrong type, naming the field: a JSON or YAML "false" is a
         string, truthy in Python, and PyYAML reads 9e-1 as a string too."""
-        for name, hint in get_type_hints(type(self)).items():
+        for name, hint in _field_types(type(self)).items():
             value = getattr(self, name)
             kinds, optional = _value_types(hint)
             if value is None and optional:
