@@ -265,7 +265,9 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     attack_examples = min(args.attack_examples, 2) if args.smoke else args.attack_examples
     measure = Measurer(task, attack_examples)
-    if args.smoke:  # a few template sets: the smoke checks that the script runs, not its numbers
+    # A few template sets: the smoke checks that the script runs, not its numbers. Set here rather
+    # than through Measurer, whose file's digest stamps the saved seeds.
+    if args.smoke:
         measure.suite.config = replace(measure.suite.config, safety_max_template_sets=SMOKE_TEMPLATE_SETS)
     identity = counterfactual_texts(list(task.train["text"]), (task.language,), random.Random(0))[0]
 
