@@ -47,7 +47,7 @@ SIZES = {
 }
 COPY_BOUND = "bound: copy_ of flat float32 buffers"
 DEFAULT = "hf_wavg EMA (default in WAvgTrainer: finite by the gradient norm)"
-FULL_CHECK = "hf_wavg EMA (full finite check: bare callback, half-precision weights)"
+FULL_CHECK = "hf_wavg EMA (full finite check: bare callback, half-precision weights, other callbacks)"
 
 
 def build_model(size: str, device: str, dtype: torch.dtype) -> nn.Module:

@@ -60,6 +60,9 @@ class WeightAverager:
         self.skip_non_finite = skip_non_finite
         self.num_skipped = 0
         self.last_update_step: int | None = None
+        # Whether the last update read its snapshot and found every weight below
+        # kernels.BOUNDED_MAGNITUDE (False when it was not read).
+        self.last_snapshot_bounded = False
         self._swapped = False
         strategy.initialize(self.selection.tensors())
 
@@ -83,7 +86,10 @@ class WeightAverager:
         :class:`hf_wavg.WAvgCallback`), so the check, a second read of every weight, is
         left out. Every process must pass the same value."""
         snapshot = self.selection.tensors()
-        if self.skip_non_finite and not known_finite and not self._all_finite(snapshot):
+        finite, self.last_snapshot_bounded = True, False
+        if self.skip_non_finite and not known_finite:
+            finite, self.last_snapshot_bounded = self._check_finite(snapshot)
+        if not finite:
             self.num_skipped += 1
             if self.num_skipped == 1:
                 logger.warning(
@@ -136,10 +142,16 @@ class WeightAverager:
             math.isclose(saved[name], value, rel_tol=1e-9, abs_tol=1e-30) for name, value in live.items()
         )
 
-    def _all_finite(self, snapshot: list[Tensor]) -> bool:
-        finite = kernels.all_finite(snapshot)
+    def _check_finite(self, snapshot: list[Tensor]) -> tuple[bool, bool]:
+        """``(finite, bounded)`` of :func:`kernels.check_finite`, agreed by every process."""
+        finite, bounded = kernels.check_finite(snapshot)
+        if not self.selection.is_distributed:
+            return finite, bounded
         # Processes holding different pieces must skip the same snapshots.
-        return sharding.all_ranks_agree(finite) if self.selection.is_distributed else finite
+        return sharding.all_ranks_agree(finite), sharding.all_ranks_agree(bounded)
+
+    def _all_finite(self, snapshot: list[Tensor]) -> bool:
+        return self._check_finite(snapshot)[0]
 
     def _require_average(self) -> list[Tensor]:
         if not self.has_average:

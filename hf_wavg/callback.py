@@ -35,6 +35,10 @@ from hf_wavg.safety_monitor import SafetyData, SafetyMonitor, safety_data_from
 from hf_wavg.state_io import AveragerStateError, has_state
 from hf_wavg.teardown import leave_together_at_exit
 
+# The largest learning rate x max(1, gradient norm) of a step that vouches for the weights
+# without reading them (see WAvgCallback._step_kept_weights_finite).
+LARGEST_VOUCHED_STEP = 1e20
+
 logger = logging.getLogger(__name__)
 
 
@@ -250,8 +254,10 @@ class WAvgCallback(TrainerCallback):
             return
         known_finite = self._finite_since_check is not None and bool(self._finite_since_check)
         updated = self.averager.update(step=state.global_step, known_finite=known_finite)
-        # Checked (or known) finite now; a skipped snapshot leaves the next one to be checked.
-        self._finite_since_check = torch.tensor(True) if updated else None
+        # Known bounded now (vouched for, or read); a skipped snapshot, or weights read but
+        # too large to vouch for, leave the next one to be read.
+        vouched = updated and (known_finite or self.averager.last_snapshot_bounded)
+        self._finite_since_check = torch.tensor(True) if vouched else None
         if updated:
             every = self.safety_monitor.config.safety_every_updates if self.safety_monitor else 0
             if every and self.averager.num_updates % every == 0:
@@ -263,20 +269,26 @@ class WAvgCallback(TrainerCallback):
         self._step_signal = (grad_norm, learning_rates)
 
     def _step_kept_weights_finite(self) -> torch.Tensor | None:
-        """Whether this optimizer step took finite float32 weights to finite ones: its
-        gradient norm and learning rates were finite. The weights' finiteness then carries
-        over from the last check without reading them again, as long as the optimizer maps
-        finite weights, gradients and rates to finite weights (SGD, Adam and AdamW with
-        eps > 0, Adafactor, Lion...). Without a gradient norm (a Trainer other than
-        WAvgTrainer) every snapshot is checked. Returns a boolean 0-d tensor, left on the
-        gradient's device (read once per update, not per step), or None when unknown."""
+        """Whether this optimizer step took bounded float32 weights to bounded ones.
+
+        The last read of the weights found every one finite and below
+        ``kernels.BOUNDED_MAGNITUDE`` (1.8e19); this step's gradient norm G and learning
+        rates are finite, and ``max(rate) * max(1, G) <= LARGEST_VOUCHED_STEP`` (1e20). An
+        optimizer that moves no weight by more than 1e6 * rate * max(1, G) in a step (SGD
+        with momentum below 0.999999, Adam and AdamW with eps > 0, Lion...) then
+        keeps them finite for 10^12 steps, so they need not be read again. Without a gradient
+        norm (a Trainer other than WAvgTrainer, or one with a callback that may write the
+        weights) every snapshot is read. Returns a boolean 0-d tensor, left on the gradient's
+        device (read once per update, not per step), or None when unknown."""
         signal, self._step_signal = self._step_signal, None
         if signal is None or signal[0] is None or not self._float32_weights:
             return None
         grad_norm, rates = signal
-        if not all(math.isfinite(float(rate)) for rate in rates):
+        largest_rate = max((abs(float(rate)) for rate in rates), default=0.0)
+        if not math.isfinite(largest_rate):
             return None
-        return torch.isfinite(torch.as_tensor(grad_norm))
+        # NaN stays NaN through clamp_min and compares False: no sync here.
+        return torch.as_tensor(grad_norm).clamp_min(1.0) * largest_rate <= LARGEST_VOUCHED_STEP
 
     def on_evaluate(
         self,

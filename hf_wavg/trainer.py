@@ -40,6 +40,8 @@ CONSOLE_CALLBACKS = (PrinterCallback, ProgressCallback)
 # transformers' notebook progress bar imports IPython: it is recognised without importing it
 # (a callback of that class can exist only once its module has been imported).
 NOTEBOOK_MODULE = "transformers.utils.notebook"
+# Packages whose callbacks never write the weights, so the gradient norm vouches for them.
+_CALLBACK_PACKAGES_THAT_LEAVE_WEIGHTS_ALONE = ("transformers", "hf_wavg")
 BEST = "best"  # wavg_selection: the average that scores best on metric_for_best_model
 
 
@@ -114,6 +116,7 @@ class WAvgTrainer(Trainer):
         self._training_ended = False
         self._saving_checkpoint = False
         self._unaveraged_warned_at: tuple[int, str] | None = None
+        self._foreign_callbacks_noted = False
         self._pairing_rng = random.Random(safety_config.safety_seed if safety_config else 0)
         self._evaluation_splits: list[str] = []  # the names of the last evaluate()'s datasets, if a dict
 
@@ -367,10 +370,24 @@ class WAvgTrainer(Trainer):
         # step kept the weights finite, so the average need not read them twice. No callback
         # hook receives it.
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        rates = [group.get("lr", float("nan")) for group in self.optimizer.param_groups]
-        for callback in self._averages.values():
-            callback.note_step_signal(grad_norm, rates)
+        if self._callbacks_leave_weights_alone():
+            rates = [group.get("lr", float("nan")) for group in self.optimizer.param_groups]
+            for callback in self._averages.values():
+                callback.note_step_signal(grad_norm, rates)
         return grad_norm
+
+    def _callbacks_leave_weights_alone(self) -> bool:
+        """Whether every callback is transformers' or hf_wavg's, none of which writes the
+        weights. Another one (pruning, clipping, re-initialising...) may change them outside
+        the optimizer step, where the gradient norm cannot vouch for them: every snapshot is
+        then read before it is folded in."""
+        foreign = [type(c).__name__ for c in self.callback_handler.callbacks
+                   if type(c).__module__.partition(".")[0] not in _CALLBACK_PACKAGES_THAT_LEAVE_WEIGHTS_ALONE]
+        if foreign and not self._foreign_callbacks_noted:
+            self._foreign_callbacks_noted = True
+            logger.info("hf_wavg: callback %s may change the weights outside the optimizer; each snapshot is read "
+                        "for NaN and inf before it is averaged", ", ".join(foreign))
+        return not foreign
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         # Checkpoints hold the raw weights: training resumes from them. save_model() cannot tell a

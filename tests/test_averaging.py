@@ -122,6 +122,17 @@ def test_offloaded_average_lives_on_the_storage_device():
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in average)
 
 
+def test_check_finite_tells_finite_bounded_weights_from_huge_and_non_finite_ones():
+    assert kernels.check_finite([torch.ones(3), torch.full((2,), 1e19)]) == (True, True)
+    # Huge but finite: folded in, but too close to overflow for a step to vouch for it.
+    assert kernels.check_finite([torch.ones(3), torch.tensor([1.0, 1e20])]) == (True, False)
+    assert kernels.check_finite([torch.tensor([3e38, 1.0])]) == (True, False)
+    assert kernels.check_finite([torch.ones(3), torch.tensor([1e20, float("nan")])]) == (False, False)
+    # Half-precision weights are never vouched for: a step can overflow them.
+    assert kernels.check_finite([torch.ones(2, dtype=torch.bfloat16)]) == (True, False)
+    assert kernels.check_finite([]) == (True, True)
+
+
 def test_all_finite_detects_nan_and_inf_in_any_dtype():
     good = [torch.ones(3), torch.ones(2, dtype=torch.bfloat16)]
     assert kernels.all_finite(good)

@@ -24,7 +24,7 @@ def run(script: str, *args: str) -> str:
 def test_update_speed_smoke(tmp_path):
     out = run("update_speed.py", "--size", "tiny", "--repeats", "1", "--no-memory", "--output-dir", str(tmp_path))
     assert "| hf_wavg EMA (default in WAvgTrainer: finite by the gradient norm) |" in out
-    assert "| hf_wavg EMA (full finite check: bare callback, half-precision weights) |" in out
+    assert "| hf_wavg EMA (full finite check: bare callback, half-precision weights, other callbacks) |" in out
     assert "| bound: one lerp_ over flat buffers | " in out
     assert (tmp_path / "update_speed-tiny-cpu-float32.json").is_file()
 

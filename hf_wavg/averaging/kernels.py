@@ -91,19 +91,38 @@ def add_(totals: Sequence[Tensor], snapshot: Sequence[Tensor], chunk_bytes: int 
     _foreach_in_chunks(torch._foreach_add_, totals, snapshot, chunk_bytes)
 
 
-def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """True when no tensor holds a NaN or an infinity.
+# Sum-of-squares bound: when float32 ``sum(w * w)`` is finite, no weight exceeds 1.8e19 in
+# magnitude, far enough below float32's 3.4e38 that a sane optimizer step cannot overflow it.
+BOUNDED_MAGNITUDE = 1.8e19
 
-    One float32 sum per tensor and a single device sync: NaN and +-inf propagate into the
-    sum (``inf + -inf`` is NaN), and it is the cheapest full reduction on CPU (about half a
-    lerp's time, where an inf-norm or ``isfinite`` costs several lerps). Finite weights
-    whose sum overflows float32 (beyond 3e38) would be skipped, which is the safe side.
+
+def check_finite(tensors: Sequence[Tensor]) -> tuple[bool, bool]:
+    """``(finite, bounded)``: no tensor holds a NaN or an infinity; and, beyond that, every
+    float32 weight's magnitude is below :data:`BOUNDED_MAGNITUDE`.
+
+    One reduction per tensor and a single device sync. Float32 tensors are reduced by
+    their dot product with themselves (as cheap as a sum on CPU and GPU, and it also bounds
+    every element); others by a float32 sum (NaN and +-inf propagate into either). Only
+    when a dot product overflows is a tensor read a second time, to tell huge weights from
+    infinite ones. Finite weights whose float32 sum overflows (beyond 3e38) count as
+    non-finite, which is the safe side.
     """
     if not tensors:
-        return True
-    sums = [t.sum(dtype=torch.float32) for t in tensors]
-    device = sums[0].device
-    return bool(torch.stack([s.to(device) for s in sums]).isfinite().all())
+        return True, True
+    squares = [torch.dot(t.reshape(-1), t.reshape(-1)) if t.dtype == torch.float32 else t.sum(dtype=torch.float32)
+               for t in tensors]
+    device = squares[0].device
+    results = torch.stack([s.to(device) for s in squares]).isfinite()
+    if bool(results.all()):
+        return True, all(t.dtype == torch.float32 for t in tensors)
+    overflowed = [t for t, ok in zip(tensors, results.tolist()) if not ok]
+    sums = [t.sum(dtype=torch.float32) for t in overflowed]
+    return bool(torch.stack([s.to(device) for s in sums]).isfinite().all()), False
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """True when no tensor holds a NaN or an infinity (see :func:`check_finite`)."""
+    return check_finite(tensors)[0]
 
 
 def float32_like(tensors: Sequence[Tensor], device: torch.device | None, pin_memory: bool = False) -> list[Tensor]:
