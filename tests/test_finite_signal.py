@@ -20,11 +20,11 @@ from tests.trainer_helpers import make_trainer
 
 # One config per method, each folding in every optimizer step of a short run.
 METHOD_CONFIGS = {
-    "ema": dict(method="ema", ema_decay=0.9),
-    "swa": dict(method="swa"),
-    "lawa": dict(method="lawa", lawa_k=3),
-    "bema": dict(method="bema"),
-    "posthoc_ema": dict(method="posthoc_ema"),
+    "ema": {"method": "ema", "ema_decay": 0.9},
+    "swa": {"method": "swa"},
+    "lawa": {"method": "lawa", "lawa_k": 3},
+    "bema": {"method": "bema"},
+    "posthoc_ema": {"method": "posthoc_ema"},
 }
 
 
@@ -174,11 +174,11 @@ class SnapshotsGiven:
         real_init, real_update = WeightAverager.__init__, WeightAverager.update
         recorder = self
 
-        def init(self, *args, **kwargs):  # noqa: ANN001
+        def init(self, *args, **kwargs):
             real_init(self, *args, **kwargs)
             recorder.initial = [t.detach().clone() for t in self.selection.tensors()]
 
-        def update(self, *args, **kwargs):  # noqa: ANN001
+        def update(self, *args, **kwargs):
             recorder.snapshots.append([t.detach().clone() for t in self.selection.tensors()])
             return real_update(self, *args, **kwargs)
 
@@ -193,14 +193,14 @@ class WriteWeight(TrainerCallback):
     def __init__(self, step: int, value: float) -> None:
         self.step, self.value, self.saved = step, value, None
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+    def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step == self.step:
             weight = model.classifier.bias
             self.saved = weight.detach().clone()
             with torch.no_grad():
                 weight[0] = self.value
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self.saved is not None:
             with torch.no_grad():
                 model.classifier.bias.copy_(self.saved)
