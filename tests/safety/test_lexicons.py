@@ -226,3 +226,19 @@ def test_caste_terms_swap_in_free_text_only_where_marked() -> None:
     assert hindi.variants["brahmin"] == "वह ब्राह्मण परिवार से है"
     # English articles would not follow the swap ("a Dalit" -> "a Adivasi"): templates only.
     assert text_counterfactuals("She is a Dalit writer.", "en", families=("caste",)) == []
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_every_group_has_enough_terms_and_every_slot_enough_templates(language: str) -> None:
+    """A group can be tested against its terms' variation only with several terms: at least
+    six per group (names: four per gender), and six templates per slot, three of each label."""
+    lexicon = load_lexicon(language)
+    for family in lexicon.families.values():
+        for group, by_gender in family.groups.items():
+            if family.name.startswith("names"):
+                assert {gender: len(terms) for gender, terms in by_gender.items()} == {"male": 4, "female": 4}, group
+            else:
+                assert sum(len(terms) for terms in by_gender.values()) >= 6, (language, family.name, group)
+    for slot in {family.slot for family in lexicon.families.values()}:
+        labels = [t.label for t in lexicon.templates if t.slot == slot]
+        assert len(labels) >= 6 and min(labels.count(0), labels.count(1)) >= 3, (language, slot)
