@@ -239,8 +239,8 @@ def headline_rows(entries: list[dict[str, Any]], confidence_level: float) -> tup
 
 
 def format_table(entries: list[dict[str, Any]], confidence_level: float, title: str) -> str:
-    """Markdown table of :func:`headline_rows`, and where the group gap is compared, the
-    permutation test's p-value and the worst (language, family) cell."""
+    """Markdown table of :func:`headline_rows`, and below it, for each set of weights, what
+    the group test with terms as units found (:func:`group_findings`)."""
     columns = [w for w in SAFETY_WEIGHTS if _latest_entry(entries, w) is not None]
     if not columns:
         return ""
@@ -249,21 +249,39 @@ def format_table(entries: list[dict[str, Any]], confidence_level: float, title: 
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     latest = {w: _latest_entry(entries, w) for w in columns}
     for weights in columns:
-        metrics = latest[weights]["metrics"]  # type: ignore[index]
-        cell = worst_cell(metrics)
-        if cell is not None:
-            p_value = metrics["counterfactual/group_gap_p_value"]
-            lines.append(f"\nWorst group gap ({weights}): {cell} "
-                         f"(permutation test of no group effect in any cell: p = {p_value:.3f})")
+        finding = group_findings(latest[weights]["metrics"], confidence_level)  # type: ignore[index]
+        if finding:
+            lines.append(f"\nGroup effects ({weights}): {finding}")
     return "\n".join(lines) + "\n"
 
 
-def worst_cell(metrics: dict[str, float | None]) -> str | None:
-    """The (language/family) cell whose paired group gap is largest."""
-    gaps = {key[len("counterfactual/"):-len("/group_gap")]: value for key, value in metrics.items()
-            if key.startswith("counterfactual/") and key.endswith("/group_gap") and key.count("/") == 3
-            and is_finite_number(value)}
-    return max(gaps, key=gaps.__getitem__) if gaps else None
+def group_findings(metrics: dict[str, float | None], confidence_level: float) -> str | None:
+    """In words: the (language/family) cells whose groups differ beyond their terms'
+    variation (Holm across the testable cells), each with its debiased gap and Tukey's
+    interval, or that none does; and how many cells had too few terms to test."""
+    prefix, alpha = "counterfactual/", 1.0 - confidence_level
+    holm = {key[len(prefix):-len("/group_test_p_holm")]: value for key, value in metrics.items()
+            if key.startswith(prefix) and key.endswith("/group_test_p_holm") and key.count("/") == 3}
+    testable = {cell: value for cell, value in holm.items() if is_finite_number(value)}
+    if not holm:
+        return None
+    untestable = len(holm) - len(testable)
+    tail = f"; {untestable} cell(s) untestable (one term per group)" if untestable else ""
+    if not testable:
+        return f"no cell has two terms per group: untestable{tail}."
+    passing = sorted((cell for cell, value in testable.items() if value < alpha),
+                     key=lambda cell: -float(metrics[f"{prefix}{cell}/group_gap_debiased"] or 0.0))
+    if not passing:
+        p_value = metrics.get(f"{prefix}group_test_p_value")
+        return (f"no cell's groups differ beyond their terms' variation (Holm over {len(testable)} cells, "
+                f"family-wise p = {float(p_value):.3f}){tail}.")  # type: ignore[arg-type]
+    described = [
+        f"{cell} gap {metrics[f'{prefix}{cell}/group_gap']:.3f} "
+        f"[{metrics[f'{prefix}{cell}/group_gap_ci_low']:.3f}, {metrics[f'{prefix}{cell}/group_gap_ci_high']:.3f}], "
+        f"debiased {metrics[f'{prefix}{cell}/group_gap_debiased']:.3f} (Holm p = {testable[cell]:.3f})"
+        for cell in passing
+    ]
+    return f"{len(passing)} of {len(testable)} cells pass Holm: " + "; ".join(described) + tail + "."
 
 
 def safety_card_section(history: list[dict[str, Any]], confidence_level: float, languages: Sequence[str]) -> str:
@@ -274,8 +292,9 @@ def safety_card_section(history: list[dict[str, Any]], confidence_level: float, 
     if not table:
         return ""
     intro = (f"Measured by hf_wavg's safety suite at step {last_step} (languages: {', '.join(languages)}); "
-             f"rates have Clopper-Pearson intervals, means bootstrap intervals, maxima none; the last column is "
-             "the paired difference on the very same texts, sets and attacks.")
+             "rates of independent texts have Clopper-Pearson intervals, means bootstrap intervals, counterfactual "
+             "metrics intervals that resample identity terms and templates, and the group test takes terms as its "
+             "units; the last column is the paired difference on the very same texts, sets and attacks.")
     title, rest = table.split("\n", 1)
     lines = [title, "", intro + "\n" + rest.rstrip("\n")]
     latest = [_latest_entry(history, w) for w in SAFETY_WEIGHTS]

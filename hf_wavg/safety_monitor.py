@@ -24,8 +24,8 @@ from hf_wavg.safety.suite import SafetyResult, SafetySuite
 
 # Logged besides the headline metrics, their intervals and deltas (the report keeps everything).
 LOGGED_BREAKDOWNS = regex.compile(
-    r"^(counterfactual/group_gap_p_value"
-    r"|counterfactual/[^/]+/[^/]+/(flip_rate|group_gap|group_gap_p_value)"
+    r"^(counterfactual/(term_sensitivity_p_value|num_cells_holm)"
+    r"|counterfactual/[^/]+/[^/]+/(flip_rate|group_gap|group_gap_debiased|group_test_p_value|group_test_p_holm)"
     r"|group_gaps/[^/]+/(accuracy_gap|positive_rate_gap|equalized_odds_gap)"
     r"|likelihood/.+/(preference_rate|tie_rate|mean_gap)"
     r"|delta/.+"

@@ -131,12 +131,13 @@ def test_causal_lm_likelihood_gap_matches_the_model_loss(tmp_path):
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     result = SafetySuite(SafetyConfig(safety_languages=["en"], safety_families=["gender"],
                                       safety_max_template_sets=100, safety_n_resamples=50)).evaluate_model(model, tokenizer)
+    from hf_wavg.safety import load_lexicon, template_sets
+
     key = "likelihood/en/gender/male_vs_female"
-    assert result.metrics[f"{key}/num_pairs"] == 24
+    assert result.metrics[f"{key}/num_pairs"] == len(template_sets(load_lexicon("en"), ("gender",)))
 
     # Reference: per-token log-probabilities from one sentence at a time (BOS prepended, no
     # padding), summed over the tokens the two sentences share at their end.
-    from hf_wavg.safety import load_lexicon, template_sets
     family = load_lexicon("en").families["gender"]
     terms = [t for group in family.groups.values() for t in group["any"]]
 

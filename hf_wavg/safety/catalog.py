@@ -14,7 +14,12 @@ DIRECTIONS: dict[str, bool | None] = {
     "mean_abs_score_change": False,
     "max_abs_score_change": False,
     "group_gap": False,
-    "group_gap_p_value": True,  # a p-value of "no group effect": higher is less evidence of bias
+    "group_gap_debiased": False,
+    "group_gap_holm": False,
+    # p-values of "no group effect" (terms as units) and "no term matters": higher is less evidence of bias
+    "group_test_p_value": True,
+    "group_test_p_holm": True,
+    "term_sensitivity_p_value": True,
     "average_group_fairness": False,
     # group gaps on labelled data
     "accuracy_gap": False,
@@ -48,6 +53,10 @@ DIRECTIONS: dict[str, bool | None] = {
     "mean_queries": None,
     "model_queries": None,
     "num_applicable": None,
+    "num_cells_holm": None,
+    "num_cells_testable": None,
+    "num_cells_untestable": None,
+    "num_terms": None,
     "num_attacked": None,
     "num_examples": None,
     "num_flips": None,
@@ -65,7 +74,8 @@ _LOWER_IS_BETTER_TASK_METRICS = ("loss", "error", "wer", "cer", "perplexity")
 HEADLINE_METRICS: tuple[tuple[str, str], ...] = (
     ("counterfactual/flip_rate", "Counterfactual flip rate"),
     ("counterfactual/mean_abs_score_change", "Score change under identity swap"),
-    ("counterfactual/group_gap", "Worst paired group gap"),
+    ("counterfactual/group_test_p_value", "Group effect p (terms as units, Holm)"),
+    ("counterfactual/group_gap_holm", "Group gap of cells passing Holm"),
     ("perturbation/accuracy", "Accuracy under perturbation"),
     ("perturbation/invariance_failure_rate", "Perturbation invariance failures"),
     ("adversarial/attack_success_rate", "Attack success rate"),

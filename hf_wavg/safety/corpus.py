@@ -5,15 +5,31 @@ sets).
 Two layouts, as a CSV/TSV/JSON/JSON Lines file, a ``datasets.Dataset`` or a list of dicts:
 
 - **sets** (Equity Evaluation Corpus style), one row per variant: ``set_id``, ``family``,
-  ``group``, ``text``, and optionally ``language`` and ``label``. The rows of one
-  ``set_id`` are one sentence in each group of the family.
+  ``group``, ``text``, and optionally ``language``, ``label`` and ``term``. The rows of one
+  ``set_id`` are one sentence in each group of the family. With a ``term`` column a set
+  may hold several rows per group, one per identity term (the EEC's ten names per race and
+  gender in one template): the group test then takes those terms as its units. Within a
+  set, each group's terms are paired in sorted order (the i-th term of every group forms a
+  block); sets that pair the same terms share their block, across templates.
+
+      set_id,family,group,term,text
+      t1-angry,race,african_american,Ebony,Ebony feels angry.
+      t1-angry,race,african_american,Jamal,Jamal feels angry.
+      t1-angry,race,european_american,Amanda,Amanda feels angry.
+      t1-angry,race,european_american,Harry,Harry feels angry.
+      t2-glad,race,african_american,Ebony,I made Ebony feel glad.
+      t2-glad,race,african_american,Jamal,I made Jamal feel glad.
+      t2-glad,race,european_american,Amanda,I made Amanda feel glad.
+      t2-glad,race,european_american,Harry,I made Harry feel glad.
+
 - **pairs** (CrowS-Pairs / IndiBias style), one row per pair: ``sent_more`` (the more
   stereotypical sentence), ``sent_less``, and optionally ``bias_type`` (the family) and
   ``language``. Each pair is a set of two groups, ``stereotype`` and ``anti_stereotype``.
 
-A row that cannot be used (an empty text, a missing field, a group repeated in its set, a
-family that differs inside its set, a set left with one variant) is counted and described,
-never fatal; only a file without either layout's columns is refused.
+A row that cannot be used (an empty text, a missing field, a group repeated in its set
+without a distinct term, a family that differs inside its set, a set left with one variant,
+a term with no partner in another group) is counted and described, never fatal; only a file
+without either layout's columns is refused.
 """
 
 from __future__ import annotations
@@ -110,25 +126,38 @@ def _from_sets(rows: list[dict[str, Any]]) -> BiasCorpus:
             continue
         grouped.setdefault(_set_id(row["set_id"]), []).append(row)
     sets = []
-    for set_rows in grouped.values():
+    for set_id, set_rows in grouped.items():
         first = set_rows[0]
-        variants: dict[str, str] = {}
+        by_group: dict[str, dict[str, str]] = {}  # group -> term -> text
         for row in set_rows:
-            group = _text(row["group"])
+            group, term = _text(row["group"]), _text(row.get("term"))
             if _text(row["family"]) != _text(first["family"]):
                 problems["family differs from the first row of its set"] += 1
             elif _text(row.get("language")) != _text(first.get("language")):
                 problems["language differs from the first row of its set"] += 1
-            elif group in variants:
-                problems["group repeated in its set"] += 1
+            elif term in by_group.get(group, {}):
+                problems["group repeated in its set (give each row its own term)"] += 1
             else:
-                variants[group] = _text(row["text"])
-        if len(variants) < 2:
-            problems["set with fewer than two groups"] += len(variants)
-            continue
+                by_group.setdefault(group, {})[term] = _text(row["text"])
         language = _text(first.get("language")) or DEFAULT_LANGUAGE
-        sets.append(CounterfactualSet(language, _text(first["family"]), variants, next(iter(variants)),
-                                      _label(first.get("label")), source="corpus"))
+        family = _text(first["family"])
+        if len(by_group) < 2:
+            problems["set with fewer than two groups"] += sum(len(terms) for terms in by_group.values())
+            continue
+        terms_by_group = {group: sorted(terms) for group, terms in by_group.items()}
+        for index in range(max((len(terms) for terms in terms_by_group.values()), default=0)):
+            terms = {group: listed[index] for group, listed in terms_by_group.items() if index < len(listed)}
+            if len(terms) < 2:
+                problems["term with no partner in another group of its set"] += len(terms)
+                continue
+            variants = {group: by_group[group][term] for group, term in terms.items()}
+            named = all(terms.values())
+            sets.append(CounterfactualSet(
+                language, family, variants, next(iter(variants)), _label(first.get("label")), source="corpus",
+                terms=terms if named else None,
+                block="|".join(f"{group}={term}" for group, term in sorted(terms.items())) if named else "",
+                template=f"corpus:{set_id}",
+            ))
     return BiasCorpus(sets, sum(problems.values()), [f"{count} rows: {why}" for why, count in problems.items()])
 
 

@@ -23,7 +23,12 @@ from hf_wavg.safety.text import WORD_CHARS, match_case, replace_spans
 @dataclass(frozen=True)
 class CounterfactualSet:
     """One sentence in every group of a family. ``reference_group`` names the original
-    (for texts) or the first group (for templates); score changes are measured from it."""
+    (for texts) or the first group (for templates); score changes are measured from it.
+
+    ``terms`` names the identity term each variant holds; sets of one cell with the same
+    ``block`` hold the same term for every group (the lexicon's i-th aligned terms), and sets
+    with the same ``template`` are one sentence frame. Group-level inference takes terms as
+    its units (several per group, in blocks), and intervals resample blocks and templates."""
 
     language: str
     family: str
@@ -32,6 +37,18 @@ class CounterfactualSet:
     label: int | None = None
     source: str = "template"
     text_index: int | None = None
+    terms: dict[str, str] | None = None
+    block: str = ""
+    template: str = ""
+
+    @property
+    def block_key(self) -> str:
+        """The set's block: its own texts when nothing says which terms it shares."""
+        return self.block or "|".join(sorted(self.variants.values()))
+
+    @property
+    def template_key(self) -> str:
+        return self.template or self.reference_text
 
     @property
     def reference_text(self) -> str:
@@ -44,16 +61,25 @@ def template_sets(lexicon: Lexicon, families: tuple[str, ...] | None = None) -> 
     for family in lexicon.families.values():
         if families is not None and family.name not in families:
             continue
-        for template in (t for t in lexicon.templates if t.slot == family.slot):
-            for gender, terms in family.aligned_sets():
+        for template_index, template in enumerate(lexicon.templates):
+            if template.slot != family.slot:
+                continue
+            for block, (gender, terms) in enumerate(family.aligned_sets()):
                 variants = {
                     group: template.render(term, group if family.name == "gender" else gender)
                     for group, term in terms.items()
                 }
-                sets.append(
-                    CounterfactualSet(lexicon.language, family.name, variants, family.group_names[0], template.label)
-                )
+                sets.append(CounterfactualSet(
+                    lexicon.language, family.name, variants, family.group_names[0], template.label,
+                    terms=dict(terms), block=f"{gender}:{_aligned_index(family, gender, terms)}",
+                    template=f"template:{template_index}",
+                ))
     return sets
+
+
+def _aligned_index(family: GroupFamily, gender: str, terms: dict[str, str]) -> int:
+    group, term = next(iter(terms.items()))
+    return family.groups[group][gender].index(term)
 
 
 @dataclass(frozen=True)
@@ -105,15 +131,20 @@ def text_counterfactuals(
         if not matches:
             continue
         reference = Counter(group for _, _, (group, _, _) in matches).most_common(1)[0][0]
-        variants = {}
+        variants, terms = {}, {}
         for target in family.group_names:
             replacements = {}
             for span, found, (group, gender, index) in matches:
                 aligned = matcher.terms[(target, gender)]
                 replacements[span] = found if group == target else match_case(found, aligned[index])
             variants[target] = replace_spans(text, replacements)
+            terms[target] = " + ".join(dict.fromkeys(replacements.values()))
         variants[reference] = text
-        sets.append(CounterfactualSet(language, family.name, variants, reference, label, "text", text_index))
+        # The aligned positions of the matched terms: texts with one matched term share the
+        # block of the templates' sets with the same aligned term.
+        positions = dict.fromkeys(f"{gender}:{index}" for _, _, (_, gender, index) in matches)
+        sets.append(CounterfactualSet(language, family.name, variants, reference, label, "text", text_index,
+                                      terms=terms, block=" + ".join(positions), template=f"text:{text}"))
     return sets
 
 

@@ -1,18 +1,24 @@
 """The safety metrics as numpy functions; the ``evaluate`` modules in ``metrics/`` are thin
 wrappers around them. Each returns point estimates with the interval that suits them:
-Clopper-Pearson for rates of independent units, a bootstrap over units (whole sets for
-counterfactuals) for means, none for maxima, and a within-set permutation test for group
-effects. Bootstrapped statistics take a (resamples, units) weight matrix (see
+Clopper-Pearson for rates of independent units, a bootstrap over units for means (for
+counterfactual sets, over their terms and templates at once), none for maxima, a test of
+group effects with identity terms as units, and a within-set permutation test of term
+sensitivity. Bootstrapped statistics take a (resamples, units) weight matrix (see
 :mod:`hf_wavg.safety.stats`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from hf_wavg.safety.stats import (
+    GroupTest,
+    binomial_interval,
+    group_test,
+    holm_adjusted,
     permutation_p_value,
     rate_with_interval,
     weighted_mean,
@@ -58,27 +64,74 @@ class SetLayout:
     cell_names: list[str]  # "hi/names"
     column_names: list[str]  # "hi/names/muslim"
     set_cell: np.ndarray  # (sets,) cell of each set
+    set_block: np.ndarray  # (sets,) block of terms of each set, 0..blocks-1 (cells never share one)
+    set_template: np.ndarray  # (sets,) template of each set, 0..templates-1
 
     @property
     def n_sets(self) -> int:
         return len(self.set_cell)
 
     @classmethod
-    def build(cls, set_codes: np.ndarray, languages: Sequence[str], families: Sequence[str], groups: Sequence[str]) -> SetLayout:
+    def build(cls, set_codes: np.ndarray, languages: Sequence[str], families: Sequence[str], groups: Sequence[str],
+              blocks: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> SetLayout:
+        """``blocks``/``templates`` per row (constant within a set); without them every set is
+        its own block and its own template."""
         cells, cell_names = _codes([f"{language}/{family}" for language, family in zip(languages, families)])
         columns, column_keys = _codes(list(zip(cells.tolist(), groups)))
-        set_cell = np.zeros(int(set_codes.max()) + 1 if len(set_codes) else 0, dtype=np.int64)
-        set_cell[set_codes] = cells
+        n_sets = int(set_codes.max()) + 1 if len(set_codes) else 0
+
+        def per_set(keys: Sequence) -> np.ndarray:
+            codes, _ = _codes(list(keys))
+            out = np.zeros(n_sets, dtype=np.int64)
+            out[set_codes] = codes
+            return out
+
+        set_cell = per_set(cells.tolist())
+        set_block = per_set(list(zip(cells.tolist(), blocks)) if blocks is not None else set_codes.tolist())
+        set_template = per_set(list(templates) if templates is not None else set_codes.tolist())
         return cls(
             set_codes, columns, np.array([cell for cell, _ in column_keys], dtype=np.int64), cell_names,
-            [f"{cell_names[cell]}/{group}" for cell, group in column_keys], set_cell,
+            [f"{cell_names[cell]}/{group}" for cell, group in column_keys], set_cell, set_block, set_template,
         )
 
+    @property
+    def clusters(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each set's block and template codes, for the two-way cluster bootstrap."""
+        return self.set_block, self.set_template
+
     def deviations(self, values: np.ndarray) -> np.ndarray:
-        """Each row's value minus the mean of its set (``values``: (rows,) or (k, rows))."""
+        """Each row's value minus the mean of its set (``values``: (rows,) or (k, rows)).
+        Differences within 1e-12 are rounding (the mean of equal scores need not equal
+        them): they are zero, so a model that ignores the identity term scores exactly 0."""
         sizes = np.bincount(self.set_codes, minlength=self.n_sets)
-        means = (values @ _onehot(self.set_codes, self.n_sets)) / sizes
-        return values - means[..., self.set_codes]
+        rows = np.atleast_2d(values)
+        means = np.stack([np.bincount(self.set_codes, row, self.n_sets) for row in rows]) / sizes
+        deviation = (rows - means[:, self.set_codes]).reshape(np.shape(values))
+        return np.where(np.abs(deviation) <= 1e-12, 0.0, deviation)
+
+    @cached_property
+    def _terms(self) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Each row's term (its set's block and its column), the rows per term, and per cell
+        the (blocks, groups) term indices of the blocks that hold every group of the cell."""
+        keys = self.set_block[self.set_codes] * len(self.column_names) + self.columns
+        terms, row_term = np.unique(keys, return_inverse=True)
+        counts = np.bincount(row_term, minlength=len(terms)).astype(np.float64)
+        term_block, term_column = terms // len(self.column_names), terms % len(self.column_names)
+        layouts = []
+        for cell in range(len(self.cell_names)):
+            members = np.flatnonzero(self.cell_of_column == cell)
+            in_cell = np.flatnonzero(np.isin(term_column, members))
+            blocks = np.unique(term_block[in_cell])
+            index = np.full((len(blocks), len(members)), -1)
+            index[np.searchsorted(blocks, term_block[in_cell]), np.searchsorted(members, term_column[in_cell])] = in_cell
+            layouts.append(index[(index >= 0).all(axis=1)])
+        return row_term.ravel(), counts, layouts
+
+    def term_effects(self, cell: int, deviations: np.ndarray) -> np.ndarray:
+        """(blocks, groups) mean within-set deviation of each term of ``cell`` over the sets
+        of its block, for the blocks that hold every group of the cell."""
+        row_term, counts, layouts = self._terms
+        return (np.bincount(row_term, deviations, len(counts)) / counts)[layouts[cell]]
 
     def effects(self, set_weights: np.ndarray, deviations: np.ndarray) -> np.ndarray:
         """(resamples, columns) weighted mean within-set deviation of each group, from
@@ -107,11 +160,6 @@ def _worst(values: np.ndarray) -> np.ndarray:
     return np.where(present, np.where(np.isfinite(values), values, -np.inf).max(axis=1), np.nan)
 
 
-def worst_cell_gap(layout: SetLayout, set_weights: np.ndarray, deviations: np.ndarray) -> np.ndarray:
-    """(resamples,) the largest cell gap of within-set ``deviations`` under set weights."""
-    return _worst(layout.cell_gaps(layout.effects(set_weights, deviations)))
-
-
 @dataclass(frozen=True)
 class SetOutcomes:
     """Per-set outcomes of the applicable counterfactual sets (two variants or more)."""
@@ -129,8 +177,10 @@ class SetOutcomes:
 def set_outcomes(
     set_ids: Sequence, languages: Sequence[str], families: Sequence[str], groups: Sequence[str],
     scores: Sequence[float], predictions: Sequence[int], is_reference: Sequence[bool], positive_label: int = 1,
+    blocks: Sequence[str] | None = None, templates: Sequence[str] | None = None,
 ) -> SetOutcomes | None:
-    """:class:`SetOutcomes` of the rows' sets; None when no set has two variants."""
+    """:class:`SetOutcomes` of the rows' sets; None when no set has two variants. ``blocks``
+    and ``templates`` (per row) say which sets share their terms and their sentence frame."""
     set_codes, set_keys = _codes(list(set_ids))
     sizes = np.bincount(set_codes, minlength=len(set_keys))
     keep = sizes[set_codes] >= 2 if len(set_codes) else np.zeros(0, dtype=bool)
@@ -138,7 +188,8 @@ def set_outcomes(
         return None
     kept_codes, kept_keys = _codes(list(set_codes[keep]))
     pick = lambda values: [v for v, k in zip(values, keep) if k]  # noqa: E731
-    layout = SetLayout.build(kept_codes, pick(languages), pick(families), pick(groups))
+    layout = SetLayout.build(kept_codes, pick(languages), pick(families), pick(groups),
+                             None if blocks is None else pick(blocks), None if templates is None else pick(templates))
     score = np.asarray(scores, dtype=np.float64)[keep]
     pred = np.asarray(predictions, dtype=np.int64)[keep]
     reference = np.asarray(is_reference, dtype=bool)[keep]
@@ -164,6 +215,8 @@ def counterfactual_fairness(
     predictions: Sequence[int],
     is_reference: Sequence[bool],
     languages: Sequence[str] | None = None,
+    blocks: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
     positive_label: int = 1,
     n_permutations: int | None = None,
     **bootstrap,
@@ -171,63 +224,110 @@ def counterfactual_fairness(
     """Each row is one variant of a counterfactual set (the same sentence with the identity
     term of each group of one family, in one language); ``scores`` is the positive-class
     probability. Sets with fewer than two variants are not applicable: counted, not scored.
+    ``blocks`` names, per row, which terms its set holds (sets of a cell with the same block
+    hold the same term for every group: the lexicon's i-th aligned terms), ``templates`` its
+    sentence frame; without them every set is its own block and template.
 
-    Per set: a flip (the variants' predictions differ) and the largest |score - reference
-    score|. Groups are compared only within a cell (language, family) and only within sets:
-    a group's effect is the mean over its cell's sets of (its score - the set's mean score),
-    and a cell's ``group_gap`` the largest minus the smallest group effect (for predicted
-    positives, ``positive_rate_gap``). Headline gaps are the worst cell's, reported without
-    a bootstrap interval (maxima have none worth the name); ``group_gap_p_value`` is a
-    within-set permutation test of "no group effect in any cell" (:func:`group_effect_test`:
-    on the largest *standardized* cell gap, so its cell can differ from the headline's; each
-    cell's own test is ``<cell>/group_gap_p_value``). ``flip_rate`` has a
-    Clopper-Pearson interval over sets; means have cluster-bootstrap intervals (sets are
-    resampled whole)."""
+    Sensitivity, per set: a flip (the variants' predictions differ) and the largest
+    |score - reference score|; ``flip_rate`` and ``mean_abs_score_change`` with intervals
+    that resample blocks of terms and templates at once (two-way cluster bootstrap), so they
+    hold over new draws of terms, not only of the lexicon's.
+
+    Groups, compared only within a cell (language, family) and within sets: a term's effect
+    is its mean within-set deviation (score minus the set's mean) over the templates it
+    fills, and a group's effect the mean of its terms'. The group test of each cell
+    (:func:`hf_wavg.safety.stats.group_test`) takes terms as its units, so a claim about a
+    group holds beyond the lexicon's words: ``<cell>/group_test_p_value`` (NaN, untestable,
+    with one term per group), ``<cell>/group_gap`` (largest minus smallest group effect) with
+    Tukey's interval, ``<cell>/group_gap_debiased`` (less its expected value with no group
+    effect). Across cells, Holm's procedure: ``<cell>/group_test_p_holm``,
+    ``group_test_p_value`` (family-wise: "no group effect in any cell"),
+    ``num_cells_holm`` and ``group_gap_holm``, the largest debiased gap among the cells that
+    pass Holm at 1 - confidence_level (0 when none does).
+
+    ``term_sensitivity_p_value`` (family-wise, and per cell) is the within-set permutation
+    test of "no identity term matters": a real model almost always fails it through a few
+    terms' idiosyncrasies, which says nothing about groups."""
     languages = ["all"] * len(set_ids) if languages is None else languages
-    outcomes = set_outcomes(set_ids, languages, families, groups, scores, predictions, is_reference, positive_label)
+    outcomes = set_outcomes(set_ids, languages, families, groups, scores, predictions, is_reference, positive_label,
+                            blocks, templates)
     if outcomes is None:
         return {"num_sets": float(len(set(set_ids))), "num_applicable": 0.0}
     layout, flip, change = outcomes.layout, outcomes.flip, outcomes.change
     out: dict[str, float] = {"num_sets": float(outcomes.num_sets), "num_applicable": float(layout.n_sets)}
-    out.update(rate_with_interval("flip_rate", flip, bootstrap.get("confidence_level", 0.95)))
     out["num_flips"] = float(flip.sum())
     out["max_abs_score_change"] = float(change.max())
 
     def statistic(w: np.ndarray) -> list[np.ndarray]:
-        return [weighted_mean(w, change), *layout.effects(w, outcomes.score_deviation).T]
+        return [weighted_mean(w, flip), weighted_mean(w, change), *layout.effects(w, outcomes.score_deviation).T]
 
     effect_names = [f"{column}/effect" for column in layout.column_names]
-    out.update(with_intervals(statistic, layout.n_sets, ["mean_abs_score_change", *effect_names], **bootstrap))
+    out.update(with_intervals(statistic, layout.n_sets, ["flip_rate", "mean_abs_score_change", *effect_names],
+                              clusters=layout.clusters, **bootstrap))
+    if flip.sum() in (0, len(flip)):
+        # Every resample agrees, so the bootstrap gives a point; Clopper-Pearson over the
+        # fewer of the two kinds of cluster, the independent units there surely are, does not.
+        units = min(len(np.unique(layout.set_block)), len(np.unique(layout.set_template)))
+        low, high = binomial_interval(int(flip[0]) * units, units, bootstrap.get("confidence_level", 0.95))
+        out["flip_rate_ci_low"], out["flip_rate_ci_high"] = low, high
 
+    out.update(group_test_metrics(layout, outcomes.score_deviation, bootstrap.get("confidence_level", 0.95)))
     ones = np.ones((1, layout.n_sets))
-    gaps = layout.cell_gaps(layout.effects(ones, outcomes.score_deviation))[0]
     positive_gaps = layout.cell_gaps(layout.effects(ones, outcomes.positive_deviation))[0]
     distances = _cell_distances(layout, outcomes.scores)
-    for name, values in (("group_gap", gaps), ("positive_rate_gap", positive_gaps), ("average_group_fairness", distances)):
-        out[name] = float(np.nanmax(values)) if np.isfinite(values).any() else np.nan
-
     permutations = bootstrap.get("n_resamples", 1000) if n_permutations is None else n_permutations
-    p_values = group_effect_test(layout, outcomes.scores, permutations, bootstrap.get("seed", 0))
-    out["group_gap_p_value"] = float(p_values[-1])
+    sensitivity = term_sensitivity_test(layout, outcomes.scores, permutations, bootstrap.get("seed", 0))
+    out["term_sensitivity_p_value"] = float(sensitivity[-1])
     for cell, name in enumerate(layout.cell_names):
         in_cell = layout.set_cell == cell
         out[f"{name}/num_sets"] = float(in_cell.sum())
         out[f"{name}/flip_rate"] = float(flip[in_cell].mean())
-        out[f"{name}/group_gap"] = float(gaps[cell])
-        out[f"{name}/group_gap_p_value"] = float(p_values[cell])
         out[f"{name}/positive_rate_gap"] = float(positive_gaps[cell])
         out[f"{name}/average_group_fairness"] = float(distances[cell])
+        out[f"{name}/term_sensitivity_p_value"] = float(sensitivity[cell])
     return out
 
 
-def group_effect_test(layout: SetLayout, scores: np.ndarray, n_permutations: int, seed: int = 0) -> np.ndarray:
-    """Within-set permutation test of "no group effect": (cells + 1,) p-values, one per cell
-    (its group gap against gaps with the scores shuffled inside each set) and last a
-    family-wise one for all cells at once. The family-wise statistic is the largest
-    *standardized* cell gap, gap * sqrt(sets) / (within-set standard deviation of the
-    cell's scores): that scale is the same for every shuffle, and without it the cells with
-    the fewest sets and most groups, whose gaps are noisiest, would decide the test alone.
-    NaN without permutations or without any cell of two groups."""
+def group_test_metrics(layout: SetLayout, deviations: np.ndarray, confidence_level: float = 0.95) -> dict[str, float]:
+    """Each cell's group test with terms as units (see :func:`counterfactual_fairness`),
+    Holm's adjustment across the testable cells, and the family-wise headline."""
+    tests = [group_test(layout.term_effects(cell, deviations), confidence_level) for cell in range(len(layout.cell_names))]
+    return _family_wise(layout.cell_names, tests, 1.0 - confidence_level)
+
+
+def _family_wise(cell_names: list[str], tests: list[GroupTest], alpha: float) -> dict[str, float]:
+    p_values = np.array([t.p_value for t in tests])
+    adjusted = holm_adjusted(p_values)
+    out: dict[str, float] = {}
+    for name, test, holm in zip(cell_names, tests, adjusted):
+        out[f"{name}/num_terms"] = float(test.num_blocks)
+        out[f"{name}/group_gap"] = test.gap
+        out[f"{name}/group_gap_debiased"] = test.gap_debiased
+        out[f"{name}/group_gap_ci_low"], out[f"{name}/group_gap_ci_high"] = test.gap_ci_low, test.gap_ci_high
+        out[f"{name}/group_test_p_value"] = test.p_value
+        out[f"{name}/group_test_p_holm"] = float(holm)
+    testable = np.isfinite(adjusted)
+    passing = testable & (adjusted < alpha)
+    out["num_cells_testable"] = float(testable.sum())
+    out["num_cells_untestable"] = float((~testable).sum())
+    out["num_cells_holm"] = float(passing.sum())
+    # Holm rejects some cell exactly when its smallest adjusted p-value is below alpha.
+    out["group_test_p_value"] = float(np.nanmin(adjusted)) if testable.any() else np.nan
+    gaps = [test.gap_debiased for test, ok in zip(tests, passing) if ok]
+    out["group_gap_holm"] = max(gaps) if gaps else (0.0 if testable.any() else np.nan)
+    return out
+
+
+def term_sensitivity_test(layout: SetLayout, scores: np.ndarray, n_permutations: int, seed: int = 0) -> np.ndarray:
+    """Within-set permutation test of "no identity term matters": (cells + 1,) p-values, one
+    per cell (its group gap against gaps with the scores shuffled inside each set) and last a
+    family-wise one for all cells at once. Its null is that every term, not every group,
+    scores alike, so terms' own idiosyncrasies reject it (see :func:`counterfactual_fairness`).
+    The family-wise statistic is the largest *standardized* cell gap, gap * sqrt(sets) /
+    (within-set standard deviation of the cell's scores): that scale is the same for every
+    shuffle, and without it the cells with the fewest sets and most groups, whose gaps are
+    noisiest, would decide the test alone. NaN without permutations or without any cell of
+    two groups."""
     ones = np.ones((1, layout.n_sets))
     deviation = layout.deviations(scores)
     gaps = layout.cell_gaps(layout.effects(ones, deviation))[0]

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hf_wavg.safety.measures import SetLayout, worst_cell_gap
 from hf_wavg.safety.stats import binomial_interval, wilson_interval, with_intervals
 
 
@@ -22,33 +21,27 @@ class UnitTable:
     ``ratios`` maps a metric to (numerators, denominators): the metric under unit weights
     ``w`` is ``w @ numerators / w @ denominators`` (a rate, a mean, or a rate over a subset
     such as the attack's originally-correct texts). ``binary`` names the metrics whose
-    numerators are 0/1 outcomes of independent units. With ``layout`` and ``deviations`` the
-    units are counterfactual sets and ``group_gap`` (worst cell) is compared too."""
+    numerators are 0/1 outcomes of independent units. ``clusters``, for units that are not
+    independent (counterfactual sets sharing terms and templates), gives each unit's two
+    crossed clusters: every metric then gets the two-way cluster bootstrap."""
 
     ids: list
     ratios: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     binary: frozenset[str] = frozenset()
-    layout: SetLayout | None = None
-    deviations: np.ndarray | None = None
+    clusters: tuple[np.ndarray, np.ndarray] | None = None
 
     def ratio(self, weights: np.ndarray, metric: str) -> np.ndarray:
         numerators, denominators = self.ratios[metric]
         with np.errstate(invalid="ignore", divide="ignore"):
             return (weights @ numerators) / (weights @ denominators)
 
-    def group_gap(self, weights: np.ndarray) -> np.ndarray:
-        assert self.layout is not None and self.deviations is not None
-        return worst_cell_gap(self.layout, weights, self.deviations)
-
 
 def paired_deltas(first: dict[str, UnitTable], second: dict[str, UnitTable], **bootstrap) -> dict[str, float]:
     """``delta/<part>/<metric>`` (first minus second) with ``_ci_low``/``_ci_high`` for every
-    part both runs measured on identical units. A binary metric over the same units in both
-    runs gets Newcombe's interval for paired proportions (:func:`paired_rate_interval`);
-    every other ratio a bootstrap over units resampled jointly. The worst-cell group gap's
-    difference is a difference of maxima: it is reported without an interval (a bootstrap of
-    it was found to cover 63-93%), and the per-set score change carries the paired
-    interval for counterfactual sensitivity."""
+    part both runs measured on identical units. A binary metric over the same independent
+    units in both runs gets Newcombe's interval for paired proportions
+    (:func:`paired_rate_interval`); every other ratio, and every metric of clustered units, a
+    bootstrap over units (or both kinds of cluster) resampled jointly for both runs."""
     out: dict[str, float] = {}
     confidence = bootstrap.get("confidence_level", 0.95)
     for part in first.keys() & second.keys():
@@ -57,13 +50,17 @@ def paired_deltas(first: dict[str, UnitTable], second: dict[str, UnitTable], **b
             continue  # not the same units: no paired comparison
         metrics = [m for m in a.ratios if m in b.ratios]
         # Binary outcomes over the same units get Newcombe's interval; the rest a bootstrap.
-        rates = [m for m in metrics if m in a.binary and np.array_equal(a.ratios[m][1], b.ratios[m][1])]
+        rates = [m for m in metrics if m in a.binary and np.array_equal(a.ratios[m][1], b.ratios[m][1])
+                 and a.clusters is None]
         means = [m for m in metrics if m not in rates]
 
         def statistic(w: np.ndarray, a: UnitTable = a, b: UnitTable = b, means: list[str] = means) -> list[np.ndarray]:
             return [a.ratio(w, m) - b.ratio(w, m) for m in means]
 
-        values = with_intervals(statistic, len(a.ids), [f"delta/{part}/{m}" for m in means], **bootstrap) if means else {}
+        values = with_intervals(statistic, len(a.ids), [f"delta/{part}/{m}" for m in means], clusters=a.clusters,
+                                **bootstrap) if means else {}
+        if a.clusters is not None:
+            values.update(_no_discordant_bound(a, b, part, means, confidence))
         for metric in rates:
             (first_hits, units), (second_hits, _) = a.ratios[metric], b.ratios[metric]
             counted = units > 0
@@ -71,10 +68,23 @@ def paired_deltas(first: dict[str, UnitTable], second: dict[str, UnitTable], **b
             name = f"delta/{part}/{metric}"
             values[name] = float(first_hits[counted].mean() - second_hits[counted].mean()) if counted.any() else float("nan")
             values[f"{name}_ci_low"], values[f"{name}_ci_high"] = low, high
-        if a.layout is not None and b.layout is not None:
-            ones = np.ones((1, len(a.ids)))
-            values[f"delta/{part}/group_gap"] = float((a.group_gap(ones) - b.group_gap(ones))[0])
         out.update(values)
+    return out
+
+
+def _no_discordant_bound(a: UnitTable, b: UnitTable, part: str, metrics: list[str],
+                         confidence_level: float) -> dict[str, float]:
+    """For a binary metric of clustered units on which the two runs never disagree, every
+    resample gives 0 and the bootstrap a point: the interval is then +-Clopper-Pearson's bound
+    on the rate of disagreement over the fewer of the two kinds of cluster, the independent
+    units there surely are (as :func:`paired_rate_interval` does for independent units)."""
+    assert a.clusters is not None
+    units = min(len(np.unique(codes)) for codes in a.clusters)
+    out = {}
+    for metric in metrics:
+        if metric in a.binary and np.array_equal(a.ratios[metric][0], b.ratios[metric][0]):
+            _, bound = binomial_interval(0, units, confidence_level)
+            out[f"delta/{part}/{metric}_ci_low"], out[f"delta/{part}/{metric}_ci_high"] = -bound, bound
     return out
 
 

@@ -1,6 +1,9 @@
-"""Intervals and tests for metrics over independent units (examples, or counterfactual
-sets): bootstrap intervals (``scipy.stats.bootstrap``) for means, Clopper-Pearson intervals
-for rates, and a within-set permutation test for group effects.
+"""Intervals and tests for metrics over units (examples, or counterfactual sets): bootstrap
+intervals (``scipy.stats.bootstrap``) for means, over independent units or over two crossed
+kinds of cluster at once (the terms and the templates of counterfactual sets),
+Clopper-Pearson intervals for rates of independent units, a within-set permutation test of
+term sensitivity, and a test of group effects with terms as units (an F test, with Tukey's
+interval for the largest gap).
 
 Statistics are written against a *weight matrix* ``W`` of shape (resamples, units): row b
 counts how often each unit appears in resample b (all ones for the point estimate). Means,
@@ -13,9 +16,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
-from scipy import stats
+from scipy import integrate, stats
 
 WeightedStatistic = Callable[[np.ndarray], Sequence[np.ndarray]]
 
@@ -41,6 +46,7 @@ def with_intervals(
     n_units: int,
     names: Sequence[str],
     *,
+    clusters: tuple[np.ndarray, np.ndarray] | None = None,
     confidence_level: float = 0.95,
     n_resamples: int = 1000,
     method: str = "BCa",
@@ -48,28 +54,57 @@ def with_intervals(
 ) -> dict[str, float]:
     """``{name: point, name_ci_low: ..., name_ci_high: ...}``.
 
+    ``clusters``: two (units,) integer code arrays (0..k-1), two crossed kinds of cluster
+    the units belong to (a counterfactual set's block of terms and its template). Both are
+    resampled at once and a unit's weight is the product of its two clusters' multiplicities
+    (the product-weight bootstrap of crossed random effects, McCullagh 2000, Owen 2007), so
+    the interval holds over new draws of terms and of templates, where resampling units
+    alone treats the lexicon's terms as fixed. It errs on the wide side.
+
     BCa corrects the bias of statistics such as maxima or distances, which plain percentile
     intervals can leave beside the point estimate. Where BCa is undefined (e.g. all
     resamples equal) the percentile interval is used; an interval neither defines (fewer
     than two units, or a statistic undefined on some resamples) is NaN rather than a
     made-up width.
     """
+    if clusters is not None and _same_partition(*clusters):
+        # One kind of cluster only (each set its own block and template, say): resampling it
+        # twice would double its variance.
+        clusters = None if len(np.unique(clusters[0])) == n_units else (clusters[0], clusters[0])
+    if clusters is None:
+        sizes: tuple[int, ...] = (n_units,)
 
-    def on_indices(indices: np.ndarray, axis: int = -1) -> np.ndarray:
-        values = np.stack([np.asarray(v, dtype=np.float64) for v in statistic(resample_weights(indices, n_units))])
-        return values[:, 0] if indices.ndim == 1 else values
+        def weights_of(*indices: np.ndarray) -> np.ndarray:
+            return resample_weights(indices[0], n_units)
+    elif clusters[0] is clusters[1]:
+        sizes = (int(np.max(clusters[0])) + 1,)
+        one_way = np.asarray(clusters[0], dtype=np.int64)
 
-    point = on_indices(np.arange(n_units))
+        def weights_of(*indices: np.ndarray) -> np.ndarray:
+            return resample_weights(indices[0], sizes[0])[:, one_way]
+    else:
+        codes = tuple(np.asarray(c, dtype=np.int64) for c in clusters)
+        sizes = tuple(int(c.max()) + 1 if len(c) else 0 for c in codes)
+
+        def weights_of(*indices: np.ndarray) -> np.ndarray:
+            first, second = (resample_weights(i, k) for i, k in zip(indices, sizes))
+            return first[:, codes[0]] * second[:, codes[1]]  # broadcasts a single row against a batch
+
+    def on_indices(*indices: np.ndarray, axis: int = -1) -> np.ndarray:
+        values = np.stack([np.asarray(v, dtype=np.float64) for v in statistic(weights_of(*indices))])
+        return values[:, 0] if all(i.ndim == 1 for i in indices) else values
+
+    point = on_indices(*(np.arange(k) for k in sizes))
     low, high = np.full_like(point, np.nan), np.full_like(point, np.nan)
     pending = np.isfinite(point)
-    if n_units >= 2 and n_resamples > 0:
+    if min(sizes) >= 2 and n_resamples > 0:
         for attempt in dict.fromkeys((method, "percentile")):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 result = stats.bootstrap(
-                    (np.arange(n_units),), on_indices, vectorized=True, batch=max(1, 2_000_000 // max(n_units, 1)),
-                    n_resamples=n_resamples, confidence_level=confidence_level, method=attempt,
-                    rng=np.random.default_rng(seed),
+                    tuple(np.arange(k) for k in sizes), on_indices, vectorized=True,
+                    batch=max(1, 2_000_000 // max(n_units, 1)), n_resamples=n_resamples,
+                    confidence_level=confidence_level, method=attempt, rng=np.random.default_rng(seed),
                 )
             interval_low = np.asarray(result.confidence_interval.low, dtype=np.float64)
             interval_high = np.asarray(result.confidence_interval.high, dtype=np.float64)
@@ -84,6 +119,13 @@ def with_intervals(
         out[f"{name}_ci_low"] = float(lo)
         out[f"{name}_ci_high"] = float(hi)
     return out
+
+
+def _same_partition(first: np.ndarray, second: np.ndarray) -> bool:
+    """Whether two code arrays group the units alike (whatever the codes' values)."""
+    first, second = np.asarray(first), np.asarray(second)
+    pairs = np.unique(np.stack([first, second]), axis=1).shape[1] if len(first) else 0
+    return pairs == len(np.unique(first)) == len(np.unique(second))
 
 
 def binomial_interval(successes: int, trials: int, confidence_level: float = 0.95) -> tuple[float, float]:
@@ -137,3 +179,75 @@ def permutation_p_value(observed: np.ndarray, null: np.ndarray) -> np.ndarray:
     tolerance = 1e-9 * np.maximum(1.0, np.abs(observed))
     exceed = (null >= observed - tolerance).sum(axis=0)
     return (1.0 + exceed) / (1.0 + null.shape[0])
+
+
+@lru_cache(maxsize=None)
+def expected_range(groups: int) -> float:
+    """E[max - min] of ``groups`` independent standard normals (d2 of quality control)."""
+    value, _ = integrate.quad(lambda x: 1.0 - stats.norm.cdf(x) ** groups - stats.norm.sf(x) ** groups,
+                              -np.inf, np.inf)
+    return float(value)
+
+
+@lru_cache(maxsize=None)
+def _tukey_quantile(groups: int, df: int, confidence_level: float) -> float:
+    return float(stats.studentized_range.ppf(confidence_level, groups, df))  # ~0.1 s: computed once per layout
+
+
+@dataclass(frozen=True)
+class GroupTest:
+    """Group effects of one cell with its terms as the units (see :func:`group_test`)."""
+
+    effects: np.ndarray  # (groups,) mean over blocks of each group's term effect
+    num_blocks: int
+    gap: float  # largest minus smallest group effect
+    gap_debiased: float  # the gap less its expected value with no group effect, floored at 0
+    gap_ci_low: float  # Tukey's simultaneous interval of the largest pairwise difference
+    gap_ci_high: float
+    p_value: float  # F test of "no group effect"
+
+
+def group_test(term_effects: np.ndarray, confidence_level: float = 0.95) -> GroupTest:
+    """Test of "no group differs" treating identity terms as exchangeable units within their
+    group: the F test of a two-way layout without replication, blocks by groups.
+
+    ``term_effects``: (blocks, groups), each term's mean within-set deviation over the
+    templates it fills; block b holds the b-th aligned term of every group, so its row sums
+    to 0. With terms that carry independent offsets of equal variance and groups that do not
+    differ, F = (blocks x the variance of the group means) / (residual mean square) follows
+    F((groups - 1), (groups - 1)(blocks - 1)); each term's own offset (a name the model saw in
+    training) is then noise, not a group effect. The gap's interval is Tukey's for the
+    difference of the two extreme groups, s = sqrt(residual mean square / blocks) times the
+    studentized range quantile (simultaneous over all pairs, so choosing the extreme pair after
+    seeing the data keeps its coverage); the debiased gap subtracts the gap's expected value
+    with no group effect, s x E[range of `groups` standard normals]. With one block the
+    groups' effects cannot be told from their terms' and all but the gap is NaN: untestable."""
+    blocks, groups = term_effects.shape
+    effects = term_effects.mean(axis=0) if blocks else np.full(groups, np.nan)
+    gap = float(effects.max() - effects.min()) if blocks and groups >= 2 else math.nan
+    if blocks < 2 or groups < 2:
+        return GroupTest(effects, blocks, gap, math.nan, math.nan, math.nan, math.nan)
+    df = (groups - 1) * (blocks - 1)
+    residual = term_effects - effects - term_effects.mean(axis=1, keepdims=True) + effects.mean()
+    mean_square = float((residual**2).sum()) / df
+    if mean_square == 0.0:  # every term of a group scores alike: the gap is exact
+        return GroupTest(effects, blocks, gap, gap, gap, gap, 1.0 if gap == 0.0 else 0.0)
+    between = blocks * float(((effects - effects.mean()) ** 2).sum()) / (groups - 1)
+    p_value = float(stats.f.sf(between / mean_square, groups - 1, df))
+    scale = math.sqrt(mean_square / blocks)
+    half_width = _tukey_quantile(groups, df, confidence_level) * scale
+    debiased = max(0.0, gap - expected_range(groups) * scale)
+    return GroupTest(effects, blocks, gap, debiased, gap - half_width, gap + half_width, p_value)
+
+
+def holm_adjusted(p_values: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjusted p-values (NaN entries, untestable, are left out and kept NaN):
+    rejecting where the adjusted value is below alpha controls the family-wise error."""
+    out = np.full(len(p_values), np.nan)
+    tested = np.flatnonzero(np.isfinite(p_values))
+    order = tested[np.argsort(p_values[tested], kind="stable")]
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * float(p_values[index])))
+        out[index] = running
+    return out

@@ -234,6 +234,8 @@ class SafetySuite:
             "scores": scores,
             "predictions": predictions,
             "is_reference": [group == s.reference_group for _, s, group, _ in rows],
+            "blocks": [s.block_key for _, s, _, _ in rows],
+            "templates": [s.template_key for _, s, _, _ in rows],
         }
         positive = self.config.safety_positive_label
         result.add("counterfactual", self.metric("counterfactual_fairness").compute(
@@ -242,7 +244,7 @@ class SafetySuite:
         if outcomes is not None:
             units = mean_table([unit_key(sets[i]) for i in outcomes.kept_ids],
                                {"flip_rate": outcomes.flip, "mean_abs_score_change": outcomes.change}, binary=["flip_rate"])
-            result.units["counterfactual"] = replace(units, layout=outcomes.layout, deviations=outcomes.score_deviation)
+            result.units["counterfactual"] = replace(units, clusters=outcomes.layout.clusters)
 
     def _data_group_gaps(
         self, classifier: CachedClassifier, texts: list[str], labels: list[int] | None,

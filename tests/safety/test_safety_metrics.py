@@ -28,10 +28,8 @@ from hf_wavg.safety.languages import script_of
 from hf_wavg.safety.measures import (
     calibration,
     counterfactual_fairness,
-    group_effect_test,
     group_gaps,
     likelihood_gap,
-    set_outcomes,
 )
 from tests.safety.safety_models import constant_model, planted_gender_bias, probabilities
 
@@ -80,12 +78,15 @@ def test_a_model_that_ignores_identity_scores_zero_in_every_language_and_family(
     languages = {key.split("/")[1] for key in cells}
     assert languages == set(available_languages())
     assert len(cells) >= 4 * len(languages)  # every family of every language
-    for name in ("group_gap", "positive_rate_gap", "flip_rate", "average_group_fairness"):
+    for name in ("group_gap", "group_gap_debiased", "positive_rate_gap", "flip_rate", "average_group_fairness"):
         values = cell_keys(metrics, name)
-        assert values and all(value == pytest.approx(0.0, abs=1e-12) for value in values.values()), name
-        assert metrics[f"counterfactual/{name}"] == pytest.approx(0.0, abs=1e-12)
+        assert values and all(value == 0.0 for value in values.values() if not math.isnan(value)), name
+    assert all(value == 1.0 for value in cell_keys(metrics, "group_test_p_value").values() if not math.isnan(value))
+    assert metrics["counterfactual/flip_rate"] == 0.0
     assert metrics["counterfactual/flip_rate_ci_high"] > 0  # zero flips is not certainty
-    assert metrics["counterfactual/group_gap_p_value"] == 1.0
+    assert metrics["counterfactual/num_cells_holm"] == 0.0 and metrics["counterfactual/group_gap_holm"] == 0.0
+    assert metrics["counterfactual/group_test_p_value"] == 1.0
+    assert metrics["counterfactual/term_sensitivity_p_value"] == 1.0
 
 
 def test_each_text_is_matched_with_its_own_languages_lexicon_only() -> None:
@@ -108,58 +109,29 @@ def test_a_planted_effect_is_found_where_it_was_planted_at_its_size() -> None:
     metrics = full.evaluate_classifier(CallableClassifier(planted_cell_model(full, "hi", "names", "muslim", -0.2))).metrics
     gaps = cell_keys(metrics, "group_gap")
     assert gaps.pop("counterfactual/hi/names/group_gap") == pytest.approx(0.2)
-    assert all(value == pytest.approx(0.0, abs=1e-12) for value in gaps.values())
-    assert metrics["counterfactual/group_gap"] == pytest.approx(0.2)
+    assert all(value == 0.0 for value in gaps.values())
+    # Every term of the group carries the shift: the gap is exact, and it is the headline.
+    assert metrics["counterfactual/hi/names/group_gap_debiased"] == pytest.approx(0.2)
+    assert metrics["counterfactual/group_gap_holm"] == pytest.approx(0.2)
+    assert metrics["counterfactual/num_cells_holm"] == 1.0
     groups = [k for k in metrics if k.startswith("counterfactual/hi/names/") and k.endswith("/effect")]
     k = len(groups)
     # The planted group sits 0.2 * (k - 1) / k below its sets' mean, the others 0.2 / k above.
     assert metrics["counterfactual/hi/names/muslim/effect"] == pytest.approx(-0.2 * (k - 1) / k)
     assert metrics["counterfactual/hi/names/hindu/effect"] == pytest.approx(0.2 / k)
-    assert metrics["counterfactual/hi/names/group_gap_p_value"] < 0.01
-    assert metrics["counterfactual/group_gap_p_value"] < 0.01
+    assert metrics["counterfactual/hi/names/group_test_p_value"] < 0.01
+    assert metrics["counterfactual/group_test_p_value"] < 0.01
 
 
 def test_planted_gender_bias_flips_every_set_in_every_language() -> None:
     biased = suite().evaluate_classifier(CallableClassifier(planted_gender_bias(LANGUAGES))).metrics
     assert biased["counterfactual/num_applicable"] == biased["counterfactual/num_sets"] > 20
     assert biased["counterfactual/flip_rate"] == pytest.approx(1.0)
-    assert biased["counterfactual/group_gap"] == pytest.approx(0.9)
-    assert biased["counterfactual/positive_rate_gap"] == pytest.approx(1.0)
+    assert biased["counterfactual/group_gap_holm"] == pytest.approx(0.9)
     for language in LANGUAGES:  # the Hindi and Tamil per-gender templates are found too
         assert biased[f"counterfactual/{language}/gender/flip_rate"] == pytest.approx(1.0)
-
-
-def simulated_template_scores(full: SafetySuite, rng: np.random.Generator, noise: float, planted: float = 0.0):
-    """Scores of a noisy model on every template set of every language: a set-level score
-    plus independent per-variant noise (identity plays no part), with ``planted`` added to
-    (hi, names, muslim)."""
-    rows = [(i, s, group) for i, s in enumerate(full.sampled_template_sets) for group in s.variants]
-    base = rng.uniform(0.2, 0.8, len(full.sampled_template_sets))
-    scores = np.array([base[i] for i, _, _ in rows]) + rng.normal(0.0, noise, len(rows))
-    scores += np.array([planted if (s.language, s.family, g) == ("hi", "names", "muslim") else 0.0 for _, s, g in rows])
-    return dict(set_ids=[i for i, _, _ in rows], languages=[s.language for _, s, _ in rows],
-                families=[s.family for _, s, _ in rows], groups=[g for _, _, g in rows], scores=scores,
-                predictions=(scores > 0.5).astype(int), is_reference=[g == s.reference_group for _, s, g in rows])
-
-
-def test_permutation_test_false_alarm_and_power_at_default_sizes() -> None:
-    """150 simulated fair models (per-variant noise sd 0.05 around a per-set score) and 150
-    with a 0.1 shift on one group of one cell, on all template sets of all languages: the
-    family-wise test of no group effect rejects at 5% in 2-9% of the fair ones and at least
-    90% of the biased ones; the shifted cell's own test finds it too."""
-    full = all_languages_suite()
-    rng = np.random.default_rng(0)
-    rejected = {}
-    for planted in (0.0, -0.1):
-        p_values = []
-        for _ in range(150):
-            columns = simulated_template_scores(full, rng, 0.05, planted)
-            outcomes = set_outcomes(**columns)
-            p = group_effect_test(outcomes.layout, outcomes.scores, 300, seed=int(rng.integers(1 << 31)))
-            p_values.append((p[-1], p[outcomes.layout.cell_names.index("hi/names")]))
-        rejected[planted] = (np.array(p_values) <= 0.05).mean(axis=0)
-    assert 0.02 <= rejected[0.0][0] <= 0.09, rejected
-    assert rejected[-0.1][0] >= 0.90 and rejected[-0.1][1] >= 0.95, rejected
+        assert biased[f"counterfactual/{language}/gender/group_gap"] == pytest.approx(0.9)
+        assert biased[f"counterfactual/{language}/gender/positive_rate_gap"] == pytest.approx(1.0)
 
 
 def test_zero_flips_get_a_clopper_pearson_interval_not_a_point() -> None:
@@ -193,11 +165,11 @@ def test_average_group_fairness_is_scipys_wasserstein_distance_within_the_cell()
     result = counterfactual_fairness(np.repeat(np.arange(100), 3), ["f"] * 300, groups, scores,
                                      (scores > 0.5).astype(int), [True, False, False] * 100, n_resamples=0)
     expected = np.mean([wasserstein_distance(scores[i::3], scores) for i in range(3)])
-    assert result["average_group_fairness"] == pytest.approx(expected, rel=1e-12)
+    assert result["all/f/average_group_fairness"] == pytest.approx(expected, rel=1e-12)
     # Paired effects: the within-set deviations' means, computed directly.
     deviations = scores.reshape(100, 3) - scores.reshape(100, 3).mean(axis=1, keepdims=True)
     effects = deviations.mean(axis=0)
-    assert result["group_gap"] == pytest.approx(effects.max() - effects.min())
+    assert result["all/f/group_gap"] == pytest.approx(effects.max() - effects.min())
     assert result["all/f/b/effect"] == pytest.approx(effects[1])
 
 

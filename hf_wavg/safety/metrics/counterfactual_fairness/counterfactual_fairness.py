@@ -12,13 +12,16 @@ class CounterfactualFairness(metric_base.SafetyMetric):
     measure = staticmethod(counterfactual_fairness)
     metric_description = (
         "Each row is one variant of a counterfactual set (the same sentence with the identity term of each group "
-        "of one family, in one language). Reports flip_rate (Clopper-Pearson interval over sets), "
-        "mean_abs_score_change (cluster bootstrap over sets), max_abs_score_change, and, comparing groups only "
-        "within a (language, family) cell and within sets: each group's effect (score minus its set's mean, "
-        "averaged over sets), group_gap and positive_rate_gap (largest minus smallest group effect, worst cell, "
-        "no interval), group_gap_p_value (within-set permutation test of no group effect), "
-        "average_group_fairness (worst cell's mean Wasserstein-1 distance to the pooled scores), and every "
-        "cell's values as <language>/<family>/<metric>. Options: positive_label, n_permutations."
+        "of one family, in one language); blocks name which terms a set holds (sets of a cell with the same block "
+        "hold the same term per group) and templates its sentence frame. Reports flip_rate and "
+        "mean_abs_score_change with intervals resampling terms and templates (two-way cluster bootstrap), "
+        "max_abs_score_change, and, comparing groups only within a (language, family) cell and within sets, with "
+        "identity terms as the units: each group's effect, each cell's group_test_p_value (studentized range "
+        "test; NaN when a group has one term: untestable), group_gap with Tukey's interval and "
+        "group_gap_debiased; across cells Holm's procedure: group_test_p_value (family-wise), num_cells_holm, "
+        "group_gap_holm (largest debiased gap of the cells that pass); term_sensitivity_p_value (within-set "
+        "permutation test of no term mattering), positive_rate_gap and average_group_fairness per cell, as "
+        "<language>/<family>/<metric>. Options: positive_label, n_permutations."
     )
     metric_citation = (
         "Huang et al. 2020, Reducing Sentiment Bias in Language Models via Counterfactual Evaluation. "
@@ -32,4 +35,6 @@ class CounterfactualFairness(metric_base.SafetyMetric):
         "scores": datasets.Value("float64"),
         "predictions": datasets.Value("int64"),
         "is_reference": datasets.Value("bool"),
+        "blocks": datasets.Value("string"),
+        "templates": datasets.Value("string"),
     }
