@@ -10,6 +10,7 @@ from hf_wavg.model_card import (
     averaging_card_section,
     card_sections,
     format_table,
+    group_findings,
     has_averaging_record,
     merge_card_section,
 )
@@ -116,3 +117,18 @@ def test_a_saved_folder_is_a_hub_model_as_it_lies(minilm_path, tmp_path, monkeyp
     assert (hub_data.base_model, hub_data.license) == ("some-org/base-model", "mit")
     monkeypatch.setattr(card_file, "try_to_load_from_cache", lambda repo, name: None)
     assert card_metadata(saved, base_model="some-org/uncached").license is None
+
+
+def test_group_findings_name_the_cells_that_pass_holm_or_say_none_does() -> None:
+    cell = {"group_gap": 0.3, "group_gap_ci_low": 0.1, "group_gap_ci_high": 0.5, "group_gap_debiased": 0.2}
+    metrics = {f"counterfactual/hi/names/{k}": v for k, v in cell.items()}
+    metrics.update({"counterfactual/hi/names/group_test_p_holm": 0.01, "counterfactual/en/religion/group_test_p_holm": 0.4,
+                    "counterfactual/hi/caste/group_test_p_holm": float("nan"), "counterfactual/group_test_p_value": 0.01})
+    found = group_findings(metrics, 0.95)
+    assert found.startswith("1 of 2 cells pass Holm: hi/names gap 0.300 [0.100, 0.500], debiased 0.200")
+    assert "1 cell(s) untestable" in found and "en/religion" not in found
+    metrics["counterfactual/hi/names/group_test_p_holm"] = 0.2
+    metrics["counterfactual/group_test_p_value"] = 0.2
+    assert group_findings(metrics, 0.95).startswith("no cell's groups differ beyond their terms' variation "
+                                                    "(Holm over 2 cells, family-wise p = 0.200)")
+    assert group_findings({"counterfactual/flip_rate": 0.1}, 0.95) is None

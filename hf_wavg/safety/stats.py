@@ -17,7 +17,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from scipy import integrate, stats
@@ -181,7 +181,7 @@ def permutation_p_value(observed: np.ndarray, null: np.ndarray) -> np.ndarray:
     return (1.0 + exceed) / (1.0 + null.shape[0])
 
 
-@lru_cache(maxsize=None)
+@cache
 def expected_range(groups: int) -> float:
     """E[max - min] of ``groups`` independent standard normals (d2 of quality control)."""
     value, _ = integrate.quad(lambda x: 1.0 - stats.norm.cdf(x) ** groups - stats.norm.sf(x) ** groups,
@@ -189,7 +189,7 @@ def expected_range(groups: int) -> float:
     return float(value)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tukey_quantile(groups: int, df: int, confidence_level: float) -> float:
     return float(stats.studentized_range.ppf(confidence_level, groups, df))  # ~0.1 s: computed once per layout
 

@@ -87,7 +87,7 @@ def test_a_group_shift_is_found_in_its_own_cell_and_moves_the_headline(every_lan
     assert np.mean([run["hi/names/group_test_p_holm"] < 0.05 for run in shifted]) >= 0.5
     headline_shifted = np.mean([run["group_gap_holm"] for run in shifted])
     headline_null = np.mean([run["group_gap_holm"] for run in null])
-    assert headline_shifted > 0.05 > 0.01 > headline_null, (headline_shifted, headline_null)
+    assert headline_shifted > 0.05 and headline_null < 0.01, (headline_shifted, headline_null)
     # The debiased gap of the cell is near the planted shift, not inflated by noise.
     debiased = np.mean([run["hi/names/group_gap_debiased"] for run in shifted])
     assert 0.07 <= debiased <= 0.13, debiased
