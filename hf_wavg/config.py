@@ -8,17 +8,14 @@ the command line, a JSON file or a YAML file. Field names do not clash with
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from functools import cache
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from hf_wavg._fields import help_text
+from hf_wavg._fields import check_field_types, help_text, is_integer_at_least, literal_fields
 from hf_wavg.averager import WeightAverager
 from hf_wavg.averaging.methods import METHOD_NAMES, METHOD_SETTINGS, METHODS
 from hf_wavg.averaging.posthoc_ema import validate_sigma_rels
@@ -27,24 +24,6 @@ from hf_wavg.averaging.strategies import AveragingStrategy
 
 DEFAULT_EMA_HORIZON = 0.2  # share of the run an EMA spans when neither horizon nor ema_decay is set
 logger = logging.getLogger(__name__)
-
-
-def _value_types(hint: Any) -> tuple[set[Any], bool]:
-    """The types a field accepts (a Literal's as ``str``) and whether it may be None."""
-    options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
-    kinds = {str if get_origin(option) is Literal else option for option in options}
-    return kinds - {type(None)}, type(None) in kinds
-
-
-@cache
-def _field_types(config_class: type) -> dict[str, Any]:
-    """A config class's resolved field annotations (read once per class: every config checks them)."""
-    return get_type_hints(config_class)
-
-
-def _literal_fields(config_class: type) -> dict[str, tuple[str, ...]]:
-    """The fields typed as a ``Literal``, with their choices."""
-    return {name: get_args(hint) for name, hint in _field_types(config_class).items() if get_origin(hint) is Literal}
 
 
 def _defaults() -> dict[str, Any]:
@@ -151,9 +130,9 @@ class WAvgConfig:
     )
 
     def __post_init__(self) -> None:
-        self._check_types()
+        check_field_types(self)
         self._check_choice("method", METHOD_NAMES)
-        for name, choices in _literal_fields(type(self)).items():  # each list of choices is spelled once, in its type
+        for name, choices in literal_fields(type(self)).items():  # each list of choices is spelled once, in its type
             self._check_choice(name, choices)
         if self.ema_decay is not None:
             self._check(0.0 < self.ema_decay < 1.0, "ema_decay", "in the open interval (0, 1) or None")
@@ -187,24 +166,6 @@ class WAvgConfig:
 
         self._warn_about_conflicts()
 
-    def _check_types(self) -> None:
-        """Refuse values of the wrong type, naming the field: a JSON or YAML "false" is a
-        string, truthy in Python, and PyYAML reads 9e-1 as a string too."""
-        for name, hint in _field_types(type(self)).items():
-            value = getattr(self, name)
-            kinds, optional = _value_types(hint)
-            if value is None and optional:
-                continue
-            if bool in kinds:
-                self._check(isinstance(value, bool), name, "true or false (a boolean, not a string)")
-            elif float in kinds:
-                number = isinstance(value, (int, float)) and not isinstance(value, bool)
-                self._check(number, name, "a number (in YAML, write 0.9 or 9.0e-1: PyYAML reads 9e-1 as a string)")
-                self._check(math.isfinite(value), name, "a finite number")
-            elif str in kinds:
-                self._check(isinstance(value, str), name, "a string")
-            # int fields are checked with their ranges below
-
     def _warn_about_conflicts(self) -> None:
         """Settings that do nothing with the others: say so rather than ignore them."""
         defaults = _defaults()
@@ -227,9 +188,7 @@ class WAvgConfig:
             raise ValueError(f"WAvgConfig.{name} must be {allowed}; got {getattr(self, name)!r}")
 
     def _check_int(self, name: str, minimum: int) -> None:
-        value = getattr(self, name)
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-        self._check(ok, name, f"an integer >= {minimum}")
+        self._check(is_integer_at_least(getattr(self, name), minimum), name, f"an integer >= {minimum}")
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         self._check(getattr(self, name) in choices, name, f"one of {', '.join(choices)}")

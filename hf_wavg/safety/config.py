@@ -6,16 +6,28 @@ A dataclass that ``HfArgumentParser`` parses beside ``TrainingArguments`` and
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import logging
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from hf_wavg._fields import help_text
+from hf_wavg._fields import check_field_types, help_text, is_integer_at_least
 from hf_wavg.safety.lexicons import available_languages, load_lexicon
 from hf_wavg.safety.perturbations import PERTURBATIONS
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class SafetyConfig:
+    """What the safety suite measures (counterfactual fairness over the lexicons' languages and
+    families and your own bias corpus, perturbations, the attack, calibration), on how many
+    texts, with what intervals, and how often during training.
+
+    Validated at construction like ``WAvgConfig``: a value of the wrong type (a JSON or YAML
+    ``"5"`` for a number) or out of range is a ``ValueError`` naming the field, an unknown
+    language, family or perturbation is refused with the known ones, and settings that do
+    nothing with the others are warned about."""
+
     safety_languages: list[str] | None = field(
         default=None, metadata=help_text("Lexicon languages for counterfactuals (None: all; en bn hi mr ta te ur).")
     )
@@ -71,6 +83,7 @@ class SafetyConfig:
     )
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         known = available_languages()
         for language in self.languages:
             if language not in known:
@@ -84,16 +97,20 @@ class SafetyConfig:
                 raise ValueError(f"SafetyConfig.safety_perturbations: unknown {name!r}; known: {', '.join(PERTURBATIONS)}")
         # (the value is allowed, what is allowed): an error names the field, the range and the value.
         checks = {
-            "safety_max_template_sets": (self.safety_max_template_sets is None or self.safety_max_template_sets >= 0,
+            "safety_max_template_sets": (self.safety_max_template_sets is None
+                                         or is_integer_at_least(self.safety_max_template_sets, 0),
                                          "an integer >= 0 or None"),
-            "safety_max_examples": (self.safety_max_examples >= 0, "an integer >= 0"),
-            "safety_attack_examples": (self.safety_attack_examples >= 0, "an integer >= 0"),
-            "safety_perturbations_per_example": (self.safety_perturbations_per_example >= 1, "an integer >= 1"),
-            "safety_query_budget": (self.safety_query_budget >= 1, "an integer >= 1"),
-            "safety_max_length": (self.safety_max_length >= 1, "an integer >= 1"),
-            "safety_batch_size": (self.safety_batch_size >= 1, "an integer >= 1"),
-            "safety_n_resamples": (self.safety_n_resamples >= 0, "an integer >= 0"),
-            "safety_every_updates": (self.safety_every_updates >= 0, "an integer >= 0"),
+            "safety_max_examples": (is_integer_at_least(self.safety_max_examples, 0), "an integer >= 0"),
+            "safety_attack_examples": (is_integer_at_least(self.safety_attack_examples, 0), "an integer >= 0"),
+            "safety_perturbations_per_example": (is_integer_at_least(self.safety_perturbations_per_example, 1),
+                                                 "an integer >= 1"),
+            "safety_query_budget": (is_integer_at_least(self.safety_query_budget, 1), "an integer >= 1"),
+            "safety_max_length": (is_integer_at_least(self.safety_max_length, 1), "an integer >= 1"),
+            "safety_batch_size": (is_integer_at_least(self.safety_batch_size, 1), "an integer >= 1"),
+            "safety_n_resamples": (is_integer_at_least(self.safety_n_resamples, 0), "an integer >= 0"),
+            "safety_every_updates": (is_integer_at_least(self.safety_every_updates, 0), "an integer >= 0"),
+            "safety_positive_label": (is_integer_at_least(self.safety_positive_label, 0), "an integer >= 0"),
+            "safety_seed": (is_integer_at_least(self.safety_seed, 0), "an integer >= 0"),
             "safety_logit_pairing_weight": (self.safety_logit_pairing_weight >= 0, ">= 0"),
             "safety_perturbation_rate": (0 < self.safety_perturbation_rate <= 1, "in (0, 1]"),
             "safety_confidence_level": (0 < self.safety_confidence_level < 1, "in the open interval (0, 1)"),
@@ -101,6 +118,22 @@ class SafetyConfig:
         for name, (ok, allowed) in checks.items():
             if not ok:
                 raise ValueError(f"SafetyConfig.{name} must be {allowed}; got {getattr(self, name)!r}")
+        self._warn_about_settings_that_do_nothing()
+
+    def _warn_about_settings_that_do_nothing(self) -> None:
+        defaults = {spec.name: spec.default for spec in fields(self)}
+        changed = {name for name, default in defaults.items() if getattr(self, name) != default}
+        if self.safety_attack_examples == 0 and "safety_query_budget" in changed:
+            logger.warning("hf_wavg: SafetyConfig.safety_query_budget is set but safety_attack_examples=0 "
+                           "runs no attack")
+        if self.safety_max_examples == 0:
+            for name in sorted(changed & {"safety_perturbations", "safety_perturbation_rate",
+                                          "safety_perturbations_per_example", "safety_protected_words"}):
+                logger.warning("hf_wavg: SafetyConfig.%s is set but safety_max_examples=0 perturbs no text", name)
+        if self.safety_perturbations_per_example > len(self.perturbations):
+            logger.warning("hf_wavg: SafetyConfig.safety_perturbations_per_example=%d exceeds the %d perturbation "
+                           "families: each text gets every family once", self.safety_perturbations_per_example,
+                           len(self.perturbations))
 
     @property
     def languages(self) -> tuple[str, ...]:
