@@ -51,7 +51,12 @@ def _load(source: str) -> DatasetDict:
         if path.suffix.lower() not in _LOCAL_BUILDERS:
             raise ValueError(f"{source}: unsupported file type {path.suffix!r}; use .csv, .tsv, .json or .jsonl")
         builder, options = _LOCAL_BUILDERS[path.suffix.lower()]
-        return load_dataset(builder, data_files={"train": str(path)}, **options)
+        try:
+            return load_dataset(builder, data_files={"train": str(path)}, **options)
+        except ValueError as error:
+            if "corresponds to no data" in str(error):  # datasets' words for a file without rows
+                raise ValueError(f"dataset file {source} holds no rows") from error
+            raise
     if _looks_like_local_path(source):  # not a Hub id: say the file is missing, not that the Hub has no such dataset
         raise FileNotFoundError(f"dataset file {source} does not exist")
     return load_dataset(source)

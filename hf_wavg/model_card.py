@@ -12,6 +12,7 @@ from typing import Any
 from hf_wavg.averaging.methods import CARD_KEYS
 from hf_wavg.records import (
     AVERAGING_FILE,
+    COMPARE_FILE,
     MERGE_FILE,
     POSTHOC_EMA_FILE,
     SAFETY_DELTA,
@@ -330,10 +331,15 @@ def _cell(metrics: dict[str, float | None], key: str, signed: bool = False) -> s
 # -- the whole card from a folder's records ----------------------------------------------------
 
 # Each record beside the weights and the section it becomes, in the card's order.
+def compare_card_section(record: dict[str, Any]) -> str:
+    """The tables of ``hf-wavg compare`` (its ``compare.json``), as it printed them."""
+    return f"## Paired comparison (hf-wavg compare)\n\n{record.get('markdown', '')}"
+
+
 _SECTIONS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     (AVERAGING_FILE, averaging_card_section), (MERGE_FILE, merge_card_section),
     (WISE_FT_FILE, wise_ft_card_section), (POSTHOC_EMA_FILE, posthoc_ema_card_section),
-    (SAFETY_REPORT_FILE, report_card_section),
+    (SAFETY_REPORT_FILE, report_card_section), (COMPARE_FILE, compare_card_section),
 )
 # The records that say how the weights were made (the safety report alone does not).
 AVERAGING_RECORDS = (AVERAGING_FILE, MERGE_FILE, WISE_FT_FILE, POSTHOC_EMA_FILE)

@@ -14,6 +14,12 @@ MERGE_FILE = "wavg_merge.json"  # an average or soup of saved checkpoints (hf-wa
 WISE_FT_FILE = "wavg_wise_ft.json"  # the WiSE-FT sweep, beside the weights at the chosen alpha
 POSTHOC_EMA_FILE = "wavg_posthoc_ema.json"  # a post-hoc EMA synthesised from stored profiles
 
+# hf-wavg compare's output (and, in a model folder, the card's comparison section): the paired
+# record, its tables in Markdown, and a plot of the differences.
+COMPARE_FILE = "compare.json"
+COMPARE_MARKDOWN_FILE = "compare.md"
+COMPARE_PLOT_FILE = "compare.png"
+
 # Beside saved weights: the model card (hf_wavg.card_file), as the Hub reads it.
 MODEL_CARD_FILE = "README.md"
 

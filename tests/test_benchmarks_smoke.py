@@ -94,3 +94,10 @@ def test_quality_smoke(tmp_path, shared_data, minilm_path, task):
     summary = json.loads((tmp_path / f"quality-{task}-smoke.json").read_text())["summary"]
     assert "last" not in summary["differences"] and len(summary["differences"]) == len(summary["methods"]) - 1
     assert (tmp_path / f"quality-{task}-smoke.png").is_file()
+
+
+def test_compare_speed_smoke(tmp_path, shared_data, minilm_path):
+    data = shared_data / "cad-sentiment" / "orig" / "test.tsv"
+    out = run("compare_speed.py", "--smoke", "--data", str(data), "--output-dir", str(tmp_path))
+    assert "| compare_models (one shared suite) |" in out and "| two separate suite runs |" in out
+    assert (tmp_path / "compare_speed-minilm-cpu-smoke.md").is_file()

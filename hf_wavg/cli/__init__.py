@@ -11,9 +11,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from hf_wavg.cli import average, demo, posthoc_ema, push, soup, wise_ft
+from hf_wavg.cli import average, compare, demo, posthoc_ema, push, soup, wise_ft
 
-COMMANDS = (demo, average, soup, wise_ft, posthoc_ema, push)
+COMMANDS = (demo, average, soup, wise_ft, posthoc_ema, compare, push)
 
 # Failures that mean bad input, a full disk or an unreachable Hub rather than a bug: reported in
 # one line with exit status 2. ValueError includes CheckpointError; OSError includes

@@ -69,7 +69,7 @@ def load_model(folder: str, quiet: bool) -> tuple[Any, Any]:
     from hf_wavg.posthoc.checkpoints import CheckpointReader
 
     if quiet:
-        _silence_library_progress_bars()
+        silence_library_progress_bars()
 
     if CheckpointReader(folder).kind == "adapter":
         from peft import AutoPeftModelForSequenceClassification
@@ -95,7 +95,7 @@ def _class_id(label: Any, label2id: dict[str, int], num_labels: int) -> int:
     return int(label)
 
 
-def _silence_library_progress_bars() -> None:
+def silence_library_progress_bars() -> None:
     """``--quiet`` silences the bars of transformers (loading weights) and datasets (reading
     the data) too, so that stderr holds nothing but a failure's one line."""
     import datasets
@@ -105,7 +105,7 @@ def _silence_library_progress_bars() -> None:
     datasets.disable_progress_bars()
 
 
-def _labelled_texts(args: argparse.Namespace, label2id: dict[str, int], num_labels: int) -> tuple[list[str], list[int]]:
+def labelled_texts(args: argparse.Namespace, label2id: dict[str, int], num_labels: int) -> tuple[list[str], list[int]]:
     from hf_wavg.data import load_split
 
     dataset = load_split(args.dataset, args.split)
@@ -121,7 +121,7 @@ def evaluator_for(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple
     from hf_wavg.posthoc.evaluation import ModelEvaluator
     from hf_wavg.safety.config import SafetyConfig
 
-    texts, labels = _labelled_texts(args, dict(model.config.label2id), model.config.num_labels)
+    texts, labels = labelled_texts(args, dict(model.config.label2id), model.config.num_labels)
     metric = args.metric
     safety = args.safety or (metric or "").startswith("safety/")
     task_metric = None if metric is None or metric.startswith("safety/") else metric

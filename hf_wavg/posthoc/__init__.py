@@ -1,5 +1,5 @@
 """Post-hoc tools on saved checkpoints: streaming averages (LoRA adapters in update space too), uniform, greedy and
-Model Stock soups, WiSE-FT, and post-hoc EMA."""
+Model Stock soups, WiSE-FT, post-hoc EMA, and the paired comparison of any saved models."""
 
 from typing import TYPE_CHECKING
 
@@ -7,6 +7,7 @@ from hf_wavg._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from hf_wavg.posthoc.checkpoints import CheckpointError, CheckpointReader
+    from hf_wavg.posthoc.compare import Comparison, compare_models
     from hf_wavg.posthoc.evaluation import ModelEvaluator, greater_is_better
     from hf_wavg.posthoc.lora_update import combine_in_update_space
     from hf_wavg.posthoc.merge import average_checkpoints
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "CheckpointError": "hf_wavg.posthoc.checkpoints",
     "CheckpointReader": "hf_wavg.posthoc.checkpoints",
+    "Comparison": "hf_wavg.posthoc.compare",
+    "compare_models": "hf_wavg.posthoc.compare",
     "ModelEvaluator": "hf_wavg.posthoc.evaluation",
     "greater_is_better": "hf_wavg.posthoc.evaluation",
     "average_checkpoints": "hf_wavg.posthoc.merge",
@@ -45,6 +48,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = [
     "CheckpointError",
     "CheckpointReader",
+    "Comparison",
     "ModelEvaluator",
     "PosthocEMAResult",
     "SoupResult",
@@ -52,6 +56,7 @@ __all__ = [
     "WiseFTResult",
     "average_checkpoints",
     "combine_in_update_space",
+    "compare_models",
     "greater_is_better",
     "greedy_soup",
     "load_average_into",

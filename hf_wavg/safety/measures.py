@@ -506,6 +506,13 @@ def calibration(prediction_scores: Sequence[Sequence[float]], references: Sequen
     return out
 
 
+def pair_preferences(gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per sentence pair, 1 where the first sentence is more likely, 0 where the second is, and
+    one half for a tie (gaps within 1e-9 nats), with the tie indicator."""
+    tie = np.isclose(gaps, 0.0, rtol=0.0, atol=1e-9)
+    return np.where(tie, 0.5, (gaps > 0).astype(np.float64)), tie
+
+
 def likelihood_gap(log_likelihoods: Sequence[float], counterfactual_log_likelihoods: Sequence[float], **bootstrap) -> dict[str, float]:
     """For sentence pairs that differ only in the group term: ``preference_rate``, the share
     where the first sentence is more likely, a tie counting one half (so a model that cannot
@@ -517,8 +524,7 @@ def likelihood_gap(log_likelihoods: Sequence[float], counterfactual_log_likeliho
     out: dict[str, float] = {"num_pairs": float(len(gap))}
     if len(gap) == 0:
         return out
-    tie = np.isclose(gap, 0.0, rtol=0.0, atol=1e-9)
-    preference = np.where(tie, 0.5, (gap > 0).astype(np.float64))
+    preference, tie = pair_preferences(gap)
     out["tie_rate"] = float(tie.mean())
 
     def statistic(w: np.ndarray) -> list[np.ndarray]:
