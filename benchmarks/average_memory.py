@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, markdown_table, mib, peak_tracker, require_peak_rss_reset, write_results  # noqa: E402
+from common import RESULTS, markdown_table, mib, peak_tracker, require_peak_rss_reset, write_results
 
 VARIANTS = (
     ("full", "full fine-tuning, MiniLM-L6 (float32)"),
@@ -119,7 +119,7 @@ def main() -> None:
         data[variant] = result
         where = "device" if args.gpu else "host"
 
-        def peak(key: str) -> str:
+        def peak(key: str, result: dict = result, where: str = where) -> str:
             values = result[key]
             shown = mib(values.get(where, values["host"]), 1)
             return shown + (f" (host {mib(values['host'], 1)})" if args.gpu else "")

@@ -42,10 +42,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, markdown_table, median_seconds, mib, peak_tracker, require_peak_rss_reset, write_results  # noqa: E402
+from common import RESULTS, markdown_table, median_seconds, mib, peak_tracker, require_peak_rss_reset, write_results
 
-from hf_wavg import EMA, WeightAverager  # noqa: E402
-from hf_wavg.posthoc.memory import use_fixed_mmap_threshold  # noqa: E402
+from hf_wavg import EMA, WeightAverager
+from hf_wavg.posthoc.memory import use_fixed_mmap_threshold
 
 LAYOUTS = (("replicated", "DDP, replicated average (shard_average=False)"),
            ("sharded", "DDP, sharded average (default)"),
@@ -132,7 +132,7 @@ def measure_layout(layout: str, size_mib: int, repeats: int, device: torch.devic
 
 
 def worker(size_mib: int, repeats: int, scratch: Path) -> None:
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
         else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -24,10 +24,10 @@ from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, mib, write_results  # noqa: E402
-from step_overhead import minilm_runs_setup, timed  # noqa: E402
+from common import markdown_table, mib, write_results
+from step_overhead import minilm_runs_setup, timed
 
-from hf_wavg import WAvgCallback, WAvgCallbacks, WAvgConfig, WAvgTrainer  # noqa: E402
+from hf_wavg import WAvgCallback, WAvgCallbacks, WAvgConfig, WAvgTrainer
 
 SETUPS: dict[str, WAvgConfig | dict[str, WAvgConfig]] = {
     "1 average (EMA)": WAvgConfig(),

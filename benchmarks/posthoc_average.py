@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, mib, require_peak_rss_reset, write_results  # noqa: E402
+from common import RESULTS, markdown_table, mib, require_peak_rss_reset, write_results
 
 MEASURE = textwrap.dedent("""
     import json, sys, time

@@ -117,7 +117,7 @@ def make_full_models(root: Path, size_mib: float, count: int) -> tuple[Path, lis
     from transformers import BertForSequenceClassification
 
     from hf_wavg.averager import WeightAverager
-    from hf_wavg.averaging.posthoc_ema import PostHocEMA
+    from hf_wavg.averaging.power_ema import PostHocEMA
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(bert_config(size_mib))
@@ -189,7 +189,7 @@ def full_model_variants(root: Path, pretrained: Path, finetuned: list[Path], ema
         Variant("average_ema_run", "average_checkpoints of the post-hoc EMA run's checkpoints (baseline)", AVERAGE,
                 [run, str(root / "average_ema_run")], quiet),
         Variant("posthoc_ema", f"posthoc_ema, sigma_rel={SIGMA_REL}, from the same checkpoints' profiles",
-                "hf_wavg.posthoc.posthoc_ema:posthoc_ema", [run, SIGMA_REL, str(root / "posthoc_ema")], quiet,
+                "hf_wavg.posthoc.ema_synthesis:posthoc_ema", [run, SIGMA_REL, str(root / "posthoc_ema")], quiet,
                 baseline="average_ema_run"),
     ]
 

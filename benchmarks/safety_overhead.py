@@ -20,12 +20,12 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, write_results  # noqa: E402
+from common import RESULTS, markdown_table, write_results
 
-from hf_wavg.demo.run import DemoSettings, run_demo  # noqa: E402
-from hf_wavg.records import SAFETY_DELTA as DELTA  # noqa: E402
-from hf_wavg.records import SAFETY_REPORT_FILE as REPORT_FILE  # noqa: E402
-from hf_wavg.safety.catalog import HEADLINE_METRICS  # noqa: E402
+from hf_wavg.demo.run import DemoSettings, run_demo
+from hf_wavg.records import SAFETY_DELTA as DELTA
+from hf_wavg.records import SAFETY_REPORT_FILE as REPORT_FILE
+from hf_wavg.safety.catalog import HEADLINE_METRICS
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cad-sentiment" / "orig" / "train.tsv"
 
@@ -69,8 +69,8 @@ def main() -> None:
 
     rows, widths = [], []
     # Smoke: the script's path through every piece, at sizes that say nothing about the numbers.
-    small = dict(safety_max_template_sets=40, safety_max_examples=24, safety_attack_examples=4,
-                 safety_n_resamples=100) if args.smoke else {}
+    small = {"safety_max_template_sets": 40, "safety_max_examples": 24, "safety_attack_examples": 4,
+                 "safety_n_resamples": 100} if args.smoke else {}
     with tempfile.TemporaryDirectory() as work:
         demo = DemoSettings(output_dir=f"{work}/demo", epochs=0.2 if args.smoke else 6.0, safety_options=small)
         overhead, demo_widths = measure("demo sample (480 texts, 64 tokens)", demo)

@@ -17,22 +17,27 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
-from transformers import TrainingArguments
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, median_seconds, mib, write_results  # noqa: E402
+from common import RESULTS, markdown_table, median_seconds, mib, write_results
 
-from hf_wavg import WAvgConfig, WAvgTrainer  # noqa: E402
-from hf_wavg.demo.run import default_model_path  # noqa: E402
-from hf_wavg.demo.sample_data import LABEL_NAMES, sample_rows  # noqa: E402
+from hf_wavg import WAvgConfig, WAvgTrainer
+from hf_wavg.demo.run import default_model_path
+from hf_wavg.demo.sample_data import LABEL_NAMES, sample_rows
 
 
 def dataset(tokenizer: Any, max_length: int) -> Dataset:
@@ -48,7 +53,7 @@ def run(with_average: bool, args: argparse.Namespace, model_path: str, data: Dat
     training = TrainingArguments(output_dir=str(args.output_dir / "tmp"), max_steps=args.steps,
                                  per_device_train_batch_size=args.batch_size, save_strategy="no", report_to="none",
                                  disable_tqdm=True, logging_steps=10**6, dataloader_pin_memory=False, seed=0)
-    common = dict(model=model, args=training, train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer))
+    common = {"model": model, "args": training, "train_dataset": data, "data_collator": DataCollatorWithPadding(tokenizer)}
     trainer = WAvgTrainer(**common, wavg_config=WAvgConfig(update_every=1)) if with_average else Trainer(**common)
     update_times: list[float] = []
     if with_average:

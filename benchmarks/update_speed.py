@@ -35,15 +35,15 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, mib, write_results  # noqa: E402
+from common import RESULTS, markdown_table, mib, write_results
 
-from hf_wavg import EMA, DecaySchedule, WeightAverager  # noqa: E402
+from hf_wavg import EMA, DecaySchedule, WeightAverager
 
 DECAY = 0.999
 SIZES = {
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
-    "1b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, intermediate_size=8192),  # 1.3B
+    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128},
+    "1b": {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 8192},  # 1.3B
 }
 COPY_BOUND = "bound: copy_ of flat float32 buffers"
 DEFAULT = "hf_wavg EMA (default in WAvgTrainer: finite by the gradient norm)"
@@ -60,7 +60,7 @@ def _load_timm_model_ema() -> Any:
     spec = importlib.util.find_spec("timm")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("timm is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "utils" / "model_ema.py"
+    path = Path(next(iter(spec.submodule_search_locations))) / "utils" / "model_ema.py"
     module_spec = importlib.util.spec_from_file_location("timm_model_ema", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)  # type: ignore[union-attr]

@@ -55,18 +55,18 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(data.label_names))
 
-    def tokenize(batch):  # noqa: ANN001, ANN202
+    def tokenize(batch):
         return tokenizer(batch[data.text_column], truncation=True, max_length=script.max_length)
 
-    common = dict(
-        model=model,
-        args=args,
-        train_dataset=data.train.map(tokenize, batched=True),
-        eval_dataset=data.test.map(tokenize, batched=True),
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=classification_metrics,
-    )
+    common = {
+        "model": model,
+        "args": args,
+        "train_dataset": data.train.map(tokenize, batched=True),
+        "eval_dataset": data.test.map(tokenize, batched=True),
+        "processing_class": tokenizer,
+        "data_collator": DataCollatorWithPadding(tokenizer),
+        "compute_metrics": classification_metrics,
+    }
     if script.trainer == "callback":
         callback = WAvgCallback(wavg)
         trainer = Trainer(**common, callbacks=[callback])

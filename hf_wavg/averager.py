@@ -280,7 +280,7 @@ class WeightAverager:
             extra = set(shapes) - set(self.selection.names)
             if extra:
                 raise AveragerStateError(
-                    f"averager state in {directory} holds tensor {sorted(extra)[0]!r}, which this model's "
+                    f"averager state in {directory} holds tensor {min(extra)!r}, which this model's "
                     "selection does not average"
                 )
             self._check_settings(directory, record.get("settings"))

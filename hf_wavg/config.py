@@ -18,7 +18,7 @@ from torch import nn
 from hf_wavg._fields import check_field_types, help_text, is_integer_at_least, literal_fields
 from hf_wavg.averager import WeightAverager
 from hf_wavg.averaging.methods import METHOD_NAMES, METHOD_SETTINGS, METHODS
-from hf_wavg.averaging.posthoc_ema import validate_sigma_rels
+from hf_wavg.averaging.power_ema import validate_sigma_rels
 from hf_wavg.averaging.schedules import ScheduleName
 from hf_wavg.averaging.strategies import AveragingStrategy
 

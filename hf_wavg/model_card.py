@@ -156,9 +156,9 @@ def merge_card_section(record: dict[str, Any]) -> str:
     lines = ["## Checkpoint averaging (hf_wavg)", ""]
     if record.get("soup") == "greedy":
         lines += [
-            f"These weights are a greedy soup: the uniform average of {len(sources)} of {len(record['trials'])} saved "
+            (f"These weights are a greedy soup: the uniform average of {len(sources)} of {len(record['trials'])} saved "
             f"{what}, added in order of their own {record['metric']} while the soup's {record['metric']} did not "
-            f"drop (final: {_number(record['score'])}).",
+            f"drop (final: {_number(record['score'])})."),
             "", soup_trials_table(record), "",
         ]
     elif record.get("method") == "model-stock":
@@ -166,16 +166,16 @@ def merge_card_section(record: dict[str, Any]) -> str:
         spread = f"{min(ratios):.3f} to {max(ratios):.3f} (median {sorted(ratios)[len(ratios) // 2]:.3f})" \
             if ratios else "n/a"
         lines += [
-            f"These weights are a Model Stock soup (Jang et al. 2024) of {len(sources)} fine-tuned {what}: per tensor, "
+            (f"These weights are a Model Stock soup (Jang et al. 2024) of {len(sources)} fine-tuned {what}: per tensor, "
             f"t * average + (1 - t) * pre-trained, with t = k cos / (1 + (k - 1) cos) from the angle between the "
             f"fine-tuned updates. Pre-trained: {record['pretrained']}; t ranged from {spread}; "
-            f"{len(record.get('plain_average', []))} tensors without a pre-trained counterpart are plain averages.", "",
+            f"{len(record.get('plain_average', []))} tensors without a pre-trained counterpart are plain averages."), "",
         ]
     else:
         lines += [f"These weights are the {record['method']} average of {len(sources)} saved {what}.", ""]
     if lora and lora.get("mode") == "svd":
-        lines += [f"SVD rank {lora['rank']}: largest relative Frobenius error of a layer's update "
-                  f"{lora['max_relative_error']:.3g}.", ""]
+        lines += [(f"SVD rank {lora['rank']}: largest relative Frobenius error of a layer's update "
+                  f"{lora['max_relative_error']:.3g}."), ""]
     lines += ["| checkpoint | training step | weight |", "|---|---|---|"]
     lines += [f"| {Path(s['path']).name} | {s['step'] if s['step'] is not None else 'n/a'} | {s['weight']:.4f} |"
               for s in sources]
@@ -187,10 +187,10 @@ def posthoc_ema_card_section(record: dict[str, Any]) -> str:
     sweep = record.get("sweep")
     lines = [
         "## Post-hoc EMA (hf_wavg)", "",
-        f"These weights are a power-function EMA of relative width sigma_rel = {record['sigma_rel']:g} (Karras et al. "
+        (f"These weights are a power-function EMA of relative width sigma_rel = {record['sigma_rel']:g} (Karras et al. "
         f"2024), synthesised after training by least squares from the EMA profiles saved in "
         f"{len(record['checkpoints'])} checkpoints, at update {record['num_updates']}; the synthesised profile's "
-        f"relative error is {record['relative_error']:.2e}.", "",
+        f"relative error is {record['relative_error']:.2e}."), "",
     ]
     if sweep:
         chosen = f"chosen as the best {sweep['selected_by']} of" if sweep.get("selected_by") else "scored in"
@@ -210,9 +210,9 @@ def wise_ft_card_section(record: dict[str, Any]) -> str:
               if chosen is not None else "These weights are the fine-tuned end (alpha = 1).")
     return "\n".join([
         "## WiSE-FT interpolation (hf_wavg)", "",
-        "W(alpha) = (1 - alpha) * W_pretrained + alpha * W_finetuned over the "
+        ("W(alpha) = (1 - alpha) * W_pretrained + alpha * W_finetuned over the "
         f"{record['num_interpolated']} tensors with a pre-trained counterpart (kept fine-tuned: "
-        f"{', '.join(record['kept_finetuned']) or 'none'}). {choice}", "",
+        f"{', '.join(record['kept_finetuned']) or 'none'}). {choice}"), "",
         wise_ft_table(record),
     ]) + "\n"
 

@@ -35,7 +35,7 @@ def leave_together_at_exit() -> None:
         return
     previous_hook = sys.excepthook
 
-    def note_failure(*exc_info) -> None:  # noqa: ANN002
+    def note_failure(*exc_info) -> None:
         global _failed
         _failed = True
         previous_hook(*exc_info)
@@ -55,7 +55,7 @@ def _leave_together() -> None:
             dist.monitored_barrier(timeout=EXIT_BARRIER_TIMEOUT)
         else:
             dist.barrier()
-    except Exception as error:  # a peer is gone: leave anyway, nothing is left to protect
+    except Exception as error:  # noqa: BLE001  (a peer is gone, whatever the error: leave anyway)
         logger.warning("hf_wavg: ranks did not meet at exit (%s); leaving the process group", error)
     finally:
         dist.destroy_process_group()

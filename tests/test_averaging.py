@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hf_wavg.averaging import EMA, LAWA, SCHEDULES, SWA, DecaySchedule, kernels
+from hf_wavg.averaging.methods import METHODS
 from tests.reference import assert_close_to_reference, ema_reference, mean_reference
 
 SHAPES = [(7, 5), (13,), (3, 4, 2), ()]
@@ -102,7 +103,7 @@ def test_one_converted_chunk_at_a_time(monkeypatch, kernel):
     made: list[weakref.ref] = []
     alive_at_creation = []
 
-    def tracked(tensors, device):  # noqa: ANN001, ANN202
+    def tracked(tensors, device):
         alive_at_creation.append(sum(ref() is not None for ref in made))
         converted = convert(tensors, device)
         made.extend(weakref.ref(t) for t in converted)
@@ -160,3 +161,10 @@ def test_state_round_trip_continues_identically(strategy_cls):
         resumed.update(snapshot)
     for a, b in zip(resumed.average(), uninterrupted):
         assert torch.equal(a, b)
+
+
+def test_each_strategy_is_named_by_its_registry_entry_alone():
+    """A method's name is spelled once, in its Method entry; its strategy class reads it."""
+    for name, method in METHODS.items():
+        strategy_class = method.strategy_class()
+        assert strategy_class.name == name and "name" not in vars(strategy_class), name

@@ -74,8 +74,7 @@ def test_a_saved_folder_is_a_hub_model_as_it_lies(minilm_path, tmp_path, monkeyp
     from huggingface_hub import ModelCard
     from huggingface_hub.repocard_data import model_index_to_eval_results
 
-    import hf_wavg.card_file as card_file
-    from hf_wavg import WAvgConfig
+    from hf_wavg import WAvgConfig, card_file
     from hf_wavg.card_file import card_metadata, model_card_text
     from hf_wavg.safety import SafetyConfig
     from hf_wavg.task_metrics import classification_metrics

@@ -37,6 +37,6 @@ def test_every_link_to_a_section_finds_its_heading():
     lower case, punctuation dropped, spaces as hyphens)."""
     text = README.read_text(encoding="utf-8")
     anchors = {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
-               for heading in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+               for heading in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE)}
     linked = set(re.findall(r"\]\(#([^)]+)\)", text))
     assert linked and linked <= anchors, linked - anchors

@@ -34,7 +34,7 @@ class LogRecorder(TrainerCallback):
     def __init__(self) -> None:
         self.logs: list[dict] = []
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+    def on_log(self, args, state, control, logs=None, **kwargs):
         self.logs.append(dict(logs or {}))
 
 

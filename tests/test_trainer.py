@@ -82,7 +82,7 @@ def test_every_registered_method_has_a_resume_test():
 @pytest.mark.parametrize("method", sorted(RESUME_SETTINGS))
 def test_resume_from_mid_run_checkpoint_gives_the_uninterrupted_average(minilm_path, tmp_path, method):
     config = WAvgConfig(method=method, **RESUME_SETTINGS[method])
-    args = dict(save_strategy="steps", save_steps=4)
+    args = {"save_strategy": "steps", "save_steps": 4}
     full = make_trainer(minilm_path, tmp_path / "full", config, **args)
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-4"
@@ -106,7 +106,7 @@ def test_resume_from_mid_run_checkpoint_gives_the_uninterrupted_average(minilm_p
 def test_resume_without_averager_state_is_refused_unless_restart_is_asked(minilm_path, tmp_path):
     with pytest.raises(ValueError, match="No complete checkpoint found"):
         make_trainer(minilm_path, tmp_path / "empty", WAvgConfig()).train(resume_from_checkpoint=True)
-    args = dict(save_strategy="steps", save_steps=4)
+    args = {"save_strategy": "steps", "save_steps": 4}
     make_trainer(minilm_path, tmp_path / "full", WAvgConfig(), **args).train()
     checkpoint = tmp_path / "full" / "checkpoint-4"
     (checkpoint / "wavg_state.json").unlink()

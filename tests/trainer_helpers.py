@@ -41,21 +41,21 @@ def seeded_classifier(model_path: str, seed: int = 0) -> torch.nn.Module:
 
 
 def training_args(output_dir: Path, **overrides: Any) -> TrainingArguments:
-    settings: dict[str, Any] = dict(
-        output_dir=str(output_dir),
-        max_steps=8,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=16,
-        learning_rate=5e-4,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        logging_steps=100,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        dataloader_pin_memory=False,
-    )
+    settings: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "max_steps": 8,
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 16,
+        "learning_rate": 5e-4,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+        "logging_steps": 100,
+        "disable_tqdm": True,
+        "seed": 0,
+        "data_seed": 0,
+        "dataloader_pin_memory": False,
+    }
     settings.update(overrides)
     return TrainingArguments(**settings)
 
@@ -103,7 +103,7 @@ class SnapshotRecorder(TrainerCallback):
     def __init__(self) -> None:
         self.steps: dict[int, dict[str, torch.Tensor]] = {}
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+    def on_step_end(self, args, state, control, model=None, **kwargs):
         self.steps[state.global_step] = {
             name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad
         }
@@ -129,8 +129,8 @@ def local_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 
 
 # A safety suite small enough for a test's training run.
-SMALL_SAFETY = dict(safety_languages=["en", "hi"], safety_max_template_sets=12, safety_max_examples=12,
-                    safety_attack_examples=3, safety_query_budget=8, safety_n_resamples=50)
+SMALL_SAFETY = {"safety_languages": ["en", "hi"], "safety_max_template_sets": 12, "safety_max_examples": 12,
+                    "safety_attack_examples": 3, "safety_query_budget": 8, "safety_n_resamples": 50}
 
 
 def safety_texts() -> Dataset:

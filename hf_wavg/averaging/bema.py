@@ -72,7 +72,6 @@ class BEMA(AveragingStrategy):
         storage_device: where the buffers live; ``None`` keeps each tensor's own device.
     """
 
-    name = "bema"
 
     def __init__(
         self,

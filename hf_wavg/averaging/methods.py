@@ -75,13 +75,20 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "posthoc_ema", "power-function EMA profiles saved in every checkpoint, so that the EMA length is chosen "
-            "after training (hf-wavg posthoc-ema)", "hf_wavg.averaging.posthoc_ema:PostHocEMA",
+            "after training (hf-wavg posthoc-ema)", "hf_wavg.averaging.power_ema:PostHocEMA",
             settings=("posthoc_ema_sigma_rels",), card_keys=("sigma_rels",),
             needs_checkpoints="hf-wavg posthoc-ema will have nothing to synthesise from",
         ),
     )
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+_BY_STRATEGY = {method.strategy: method.name for method in METHODS.values()}
+
+
+def method_name_of(strategy_class: type) -> str:
+    """The ``WAvgConfig.method`` of a strategy class: its entry's name, the one place it is
+    spelled. A strategy outside the registry (one of your own) is named after its class."""
+    return _BY_STRATEGY.get(f"{strategy_class.__module__}:{strategy_class.__qualname__}", strategy_class.__name__)
 # Fields some method reads and others ignore: a method warns about those of others that are set.
 METHOD_SETTINGS: tuple[str, ...] = tuple(dict.fromkeys(s for m in METHODS.values() for s in m.settings))
 CARD_KEYS: tuple[str, ...] = tuple(dict.fromkeys(k for m in METHODS.values() for k in m.card_keys))

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from hf_wavg.averaging import kernels
+from hf_wavg.averaging.methods import method_name_of
 from hf_wavg.averaging.schedules import DecaySchedule
 
 if TYPE_CHECKING:
@@ -24,6 +25,13 @@ if TYPE_CHECKING:
 
 StrategyState = tuple[dict[str, list[Tensor]], dict[str, Any]]
 _MAX_DECAY = 1.0 - 1e-9  # a float32 average cannot tell decays closer to 1 apart anyway
+
+
+class _MethodName:
+    """``strategy.name`` (on the class too): its method's name in the registry."""
+
+    def __get__(self, instance: object, owner: type) -> str:
+        return method_name_of(owner)
 
 
 class AveragingStrategy(ABC):
@@ -34,7 +42,7 @@ class AveragingStrategy(ABC):
             ``torch.device("cpu")`` offloads it (pinned when CUDA is available).
     """
 
-    name: str = "base"
+    name: str = _MethodName()  # type: ignore[assignment]
 
     def __init__(self, storage_device: torch.device | None = None) -> None:
         self.storage_device = storage_device
@@ -142,7 +150,6 @@ class EMA(RunningAverage):
     """Exponential moving average with a warm-up decay schedule:
     ``avg <- beta_n * avg + (1 - beta_n) * w``, ``beta_n = schedule(n)``."""
 
-    name = "ema"
 
     def __init__(self, schedule: DecaySchedule | None = None, storage_device: torch.device | None = None) -> None:
         super().__init__(storage_device)
@@ -195,8 +202,6 @@ class EMA(RunningAverage):
 class SWA(RunningAverage):
     """Uniform mean of every snapshot: ``avg <- avg + (w - avg) / (n + 1)``."""
 
-    name = "swa"
-
     @classmethod
     def from_config(cls, config: WAvgConfig, storage_device: torch.device | None) -> SWA:
         return cls(storage_device=storage_device)
@@ -219,7 +224,6 @@ class LAWA(AveragingStrategy):
     the memory of float32 for bf16 models); the mean is summed in float32 when read.
     """
 
-    name = "lawa"
 
     def __init__(self, k: int = 5, storage_device: torch.device | None = None) -> None:
         super().__init__(storage_device)

@@ -37,8 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hf_wavg.posthoc.ema_synthesis import ProfileCheckpoints, posthoc_ema, posthoc_ema_sweep
     from hf_wavg.posthoc.output import prepare_output_dir
-    from hf_wavg.posthoc.posthoc_ema import ProfileCheckpoints, posthoc_ema, posthoc_ema_sweep
 
     if args.sigma_rel is not None and not args.out:
         raise ValueError("--sigma-rel needs --out: the folder to write the synthesised EMA to")

@@ -148,8 +148,8 @@ def format_report(metrics: dict[str, float], splits: list[str], seconds: float, 
     described = averager.describe() if averager is not None else {}
     lines = [
         "",
-        f"hf_wavg demo: {described.get('method', '?')} over {described.get('num_updates', 0)} snapshots, "
-        f"trained in {seconds:.0f} s",
+        (f"hf_wavg demo: {described.get('method', '?')} over {described.get('num_updates', 0)} snapshots, "
+        f"trained in {seconds:.0f} s"),
         "",
         f"| {'split':<6} | {'metric':<9} | {'raw':>8} | {'averaged':>8} |",
         f"|{'-' * 8}|{'-' * 11}|{'-' * 10}|{'-' * 10}|",

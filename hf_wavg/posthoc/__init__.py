@@ -8,12 +8,12 @@ from hf_wavg._lazy import lazy_exports
 if TYPE_CHECKING:
     from hf_wavg.posthoc.checkpoints import CheckpointError, CheckpointReader
     from hf_wavg.posthoc.compare import Comparison, compare_models
+    from hf_wavg.posthoc.ema_synthesis import PostHocEMAResult, load_posthoc_ema_into, posthoc_ema, posthoc_ema_sweep
     from hf_wavg.posthoc.evaluation import ModelEvaluator, greater_is_better
     from hf_wavg.posthoc.lora_update import combine_in_update_space
     from hf_wavg.posthoc.merge import average_checkpoints
     from hf_wavg.posthoc.model_stock import model_stock
     from hf_wavg.posthoc.model_weights import load_average_into
-    from hf_wavg.posthoc.posthoc_ema import PosthocEMAResult, load_posthoc_ema_into, posthoc_ema, posthoc_ema_sweep
     from hf_wavg.posthoc.soups import SoupResult, greedy_soup, uniform_soup
     from hf_wavg.posthoc.wise_ft import WiseFT, WiseFTResult, wise_ft
 
@@ -29,10 +29,11 @@ _EXPORTS = {
     "average_checkpoints": "hf_wavg.posthoc.merge",
     "combine_in_update_space": "hf_wavg.posthoc.lora_update",
     "model_stock": "hf_wavg.posthoc.model_stock",
-    "PosthocEMAResult": "hf_wavg.posthoc.posthoc_ema",
-    "load_posthoc_ema_into": "hf_wavg.posthoc.posthoc_ema",
-    "posthoc_ema": "hf_wavg.posthoc.posthoc_ema",
-    "posthoc_ema_sweep": "hf_wavg.posthoc.posthoc_ema",
+    "PostHocEMAResult": "hf_wavg.posthoc.ema_synthesis",
+    "PosthocEMAResult": "hf_wavg.posthoc.ema_synthesis",
+    "load_posthoc_ema_into": "hf_wavg.posthoc.ema_synthesis",
+    "posthoc_ema": "hf_wavg.posthoc.ema_synthesis",
+    "posthoc_ema_sweep": "hf_wavg.posthoc.ema_synthesis",
     "load_average_into": "hf_wavg.posthoc.model_weights",
     "SoupResult": "hf_wavg.posthoc.soups",
     "greedy_soup": "hf_wavg.posthoc.soups",
@@ -50,7 +51,7 @@ __all__ = [
     "CheckpointReader",
     "Comparison",
     "ModelEvaluator",
-    "PosthocEMAResult",
+    "PostHocEMAResult",
     "SoupResult",
     "WiseFT",
     "WiseFTResult",

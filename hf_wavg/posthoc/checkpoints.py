@@ -118,7 +118,7 @@ class CheckpointReader:
                 continue
             try:
                 with safe_open(file, framework="pt") as handle:
-                    for name in handle.keys():
+                    for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                         view = handle.get_slice(name)
                         out[name] = TensorInfo(tuple(view.get_shape()), _SAFETENSORS_DTYPES[view.get_dtype()], file)
             except (SafetensorError, OSError) as error:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import regex
 
@@ -91,7 +91,7 @@ class _TermMatcher:
     terms: dict[tuple[str, str], tuple[str, ...]]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _matcher(language: str, family_name: str) -> _TermMatcher:
     family: GroupFamily = load_lexicon(language).families[family_name]
     lookup: dict[str, tuple[str, str, int]] = {}

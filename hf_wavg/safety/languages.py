@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections import Counter
-from functools import lru_cache
+from functools import cache
 
 from hf_wavg.safety.counterfactuals import template_sets
 from hf_wavg.safety.lexicons import load_lexicon
@@ -21,8 +21,8 @@ from hf_wavg.safety.text import WORD
 # Frequent words that tell apart languages sharing a script (Hindi and Marathi in
 # Devanagari); words common to both (e.g. "न") are left out.
 FUNCTION_WORDS: dict[str, frozenset[str]] = {
-    "hi": frozenset("है हैं था थी थे और में का की के को से नहीं यह वह भी तो पर ही हम मैं बहुत".split()),
-    "mr": frozenset("आहे आहेत होता होती होते आणि मी ते ती नाही चा ची चे ला मध्ये पण खूप हे तो आम्ही".split()),
+    "hi": frozenset(["है", "हैं", "था", "थी", "थे", "और", "में", "का", "की", "के", "को", "से", "नहीं", "यह", "वह", "भी", "तो", "पर", "ही", "हम", "मैं", "बहुत"]),
+    "mr": frozenset(["आहे", "आहेत", "होता", "होती", "होते", "आणि", "मी", "ते", "ती", "नाही", "चा", "ची", "चे", "ला", "मध्ये", "पण", "खूप", "हे", "तो", "आम्ही"]),
 }
 
 
@@ -33,7 +33,7 @@ def script_of(text: str) -> str | None:
     return scripts.most_common(1)[0][0] if scripts else None
 
 
-@lru_cache(maxsize=None)
+@cache
 def lexicon_script(language: str) -> str | None:
     """The script of a lexicon, read off its own templates."""
     return script_of(" ".join(text for s in template_sets(load_lexicon(language)) for text in s.variants.values()))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 LEXICON_DIR = Path(__file__).parent / "lexicons"
@@ -90,7 +90,7 @@ def available_languages() -> tuple[str, ...]:
     return tuple(sorted(path.stem for path in LEXICON_DIR.glob("*.json")))
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_lexicon(language: str) -> Lexicon:
     path = LEXICON_DIR / f"{language}.json"
     if not path.is_file():

@@ -187,7 +187,7 @@ def set_outcomes(
     if not keep.any():
         return None
     kept_codes, kept_keys = _codes(list(set_codes[keep]))
-    pick = lambda values: [v for v, k in zip(values, keep) if k]  # noqa: E731
+    pick = lambda values: [v for v, k in zip(values, keep) if k]
     layout = SetLayout.build(kept_codes, pick(languages), pick(families), pick(groups),
                              None if blocks is None else pick(blocks), None if templates is None else pick(templates))
     score = np.asarray(scores, dtype=np.float64)[keep]

@@ -11,11 +11,12 @@ results do not depend on call order.
 
 from __future__ import annotations
 
+import itertools
 import random
 import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from hf_wavg.safety.lexicons import available_languages, load_lexicon
 from hf_wavg.safety.text import WORD, char_names, graphemes, replace_spans, word_spans
@@ -144,7 +145,7 @@ def _script(sign_name: str) -> str:
     return sign_name.partition(" SIGN ")[0].removesuffix(" VOWEL")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _confusable_signs(script: str) -> dict[str, str]:
     """Each sign of ``script`` that is confused with another, mapped to that other sign;
     looked up once per script."""
@@ -235,7 +236,7 @@ def _protected_spans(
     return kept | _contraction_spans(text, spans) if negation_and_identity else kept
 
 
-@lru_cache(maxsize=None)
+@cache
 def default_protected_words() -> frozenset[str]:
     """The negators and the words of the identity terms of every lexicon language,
     casefolded ("my brother" gives "my" and "brother"): editing them can flip the label or
@@ -251,7 +252,7 @@ def default_protected_words() -> frozenset[str]:
 def _contraction_spans(text: str, spans: list[tuple[int, int]]) -> set[tuple[int, int]]:
     """The stem and the "t" of each negative contraction ("didn't": "didn" and "t")."""
     found: set[tuple[int, int]] = set()
-    for stem, tail in zip(spans, spans[1:]):
+    for stem, tail in itertools.pairwise(spans):
         if text[stem[1]:tail[0]] in APOSTROPHES and text[tail[0]:tail[1]].casefold() == "t":
             found |= {stem, tail}
     return found

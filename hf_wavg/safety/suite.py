@@ -69,7 +69,7 @@ def unit_key(cf_set: CounterfactualSet) -> tuple:
 def is_causal_lm(model: nn.Module) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = type(base).__name__
-    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+    return name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 class SafetySuite:

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from hf_wavg import WAvgConfig, state_io  # noqa: E402
-from tests.trainer_helpers import SnapshotRecorder, make_trainer  # noqa: E402
+from hf_wavg import WAvgConfig, state_io
+from tests.trainer_helpers import SnapshotRecorder, make_trainer
 
 
 class SavedSnapshots(SnapshotRecorder):
@@ -30,17 +30,17 @@ class SavedSnapshots(SnapshotRecorder):
         super().__init__()
         self.out = out
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+    def on_step_end(self, args, state, control, model=None, **kwargs):
         super().on_step_end(args, state, control, model=model, **kwargs)
         step = state.global_step
         save_file(self.steps[step], str(self.out / f"snapshot-rank{args.process_index}-step{step}.safetensors"))
 
 
-def crash_rank_one_mid_save(trainer, step: int) -> None:  # noqa: ANN001
+def crash_rank_one_mid_save(trainer, step: int) -> None:
     """Make rank 1 die half-way through writing its averager state at ``step``."""
     write_tensors = state_io.write_tensors
 
-    def dying_write(directory, file_name, tensors):  # noqa: ANN001, ANN202
+    def dying_write(directory, file_name, tensors):
         if trainer.state.global_step == step:
             Path(directory, file_name).write_bytes(b"partial")
             os._exit(17)

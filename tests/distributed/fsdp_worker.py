@@ -24,8 +24,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from hf_wavg import EMA, DecaySchedule, WeightAverager  # noqa: E402
-from hf_wavg.sharding import UnsupportedLayoutError  # noqa: E402
+from hf_wavg import EMA, DecaySchedule, WeightAverager
+from hf_wavg.sharding import UnsupportedLayoutError
 
 SCHEDULE = DecaySchedule(0.9, "rational")
 

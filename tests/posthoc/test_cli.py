@@ -67,8 +67,8 @@ def test_demo_reads_a_local_tsv_with_other_column_names(minilm_path, tmp_path, c
 
 
 def test_sample_is_bilingual_balanced_and_deterministic(tmp_path):
-    first = list(csv.DictReader(open(write_sample(tmp_path / "a.csv", per_language=50), encoding="utf-8")))
-    second = list(csv.DictReader(open(write_sample(tmp_path / "b.csv", per_language=50), encoding="utf-8")))
+    first, second = (list(csv.DictReader(write_sample(tmp_path / name, per_language=50).read_text(encoding="utf-8")
+                                         .splitlines())) for name in ("a.csv", "b.csv"))
     assert first == second and len(first) == 100
     assert sum(r["language"] == "hi" for r in first) == 50
     assert any("\u0900" <= ch <= "\u097f" for r in first if r["language"] == "hi" for ch in r["text"])

@@ -37,8 +37,8 @@ def numpy_mean(states: list[dict[str, torch.Tensor]], weights: list[float] | Non
 
 def assert_states_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert sorted(actual) == sorted(expected)
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=0, msg=name)
 
 
 def test_average_of_three_checkpoints_equals_the_float64_mean_and_loads(checkpoints, tmp_path):

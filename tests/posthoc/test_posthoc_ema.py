@@ -36,7 +36,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_wavg.averager import WeightAverager
-from hf_wavg.averaging.posthoc_ema import (
+from hf_wavg.averaging.power_ema import (
     MAX_SIGMA_REL,
     PostHocEMA,
     gamma_to_sigma_rel,
@@ -47,7 +47,7 @@ from hf_wavg.averaging.posthoc_ema import (
 )
 from hf_wavg.averaging.strategies import EMA
 from hf_wavg.posthoc.checkpoints import CheckpointError
-from hf_wavg.posthoc.posthoc_ema import (
+from hf_wavg.posthoc.ema_synthesis import (
     POSTHOC_EMA_FILE,
     load_posthoc_ema_into,
     posthoc_ema,

@@ -15,7 +15,7 @@ TEXTS = ["the film was excellent and moving", "an excellent cast", "excellent", 
 LABELS = [1, 1, 1, 0]
 # The budget the suite attacks with by default (SafetyConfig.safety_query_budget).
 SUITE_BUDGET = 30
-FILLER = "the plot of this film was slow at times but the cast and the music carry it through to an end".split()
+FILLER = ["the", "plot", "of", "this", "film", "was", "slow", "at", "times", "but", "the", "cast", "and", "the", "music", "carry", "it", "through", "to", "an", "end"]
 
 
 def long_text(length: int, position: int) -> str:

@@ -34,7 +34,7 @@ from hf_wavg.safety.measures import (
 from tests.safety.safety_models import constant_model, planted_gender_bias, probabilities
 
 LANGUAGES = ("en", "hi", "ta")
-FAST = dict(safety_n_resamples=200)
+FAST = {"safety_n_resamples": 200}
 
 
 def suite(**overrides) -> SafetySuite:

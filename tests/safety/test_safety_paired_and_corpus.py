@@ -116,7 +116,7 @@ def test_a_sets_corpus_is_measured_per_family_and_group_and_bad_rows_are_counted
     corpus = load_bias_corpus(str(path))
     assert len(corpus.sets) == 3 and corpus.bad_rows == 3
     group_b_names = ("anil", "sita")  # a model biased against group_b's names by 0.25
-    model = lambda texts: probabilities(np.array(  # noqa: E731
+    model = lambda texts: probabilities(np.array(
         [0.75 - (0.25 if any(n in t.casefold() for n in group_b_names) else 0.0) for t in texts]))
     config = SafetyConfig(safety_languages=["en"], safety_max_template_sets=0, safety_bias_corpus=str(path),
                           safety_n_resamples=100)

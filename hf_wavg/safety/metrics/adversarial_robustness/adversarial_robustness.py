@@ -1,5 +1,7 @@
 """Adversarial robustness: how often, and how cheaply, a black-box attack flips predictions."""
 
+from typing import Any, ClassVar
+
 import datasets
 
 # The base class is reached through its module: evaluate loads the first metric class
@@ -16,7 +18,7 @@ class AdversarialRobustness(metric_base.SafetyMetric):
         "Clopper-Pearson interval), accuracy_under_attack (over all), mean_queries and mean_edited_words."
     )
     metric_citation = "Gao et al. 2018, Black-box Generation of Adversarial Text Sequences to Evade Deep Learning Classifiers."
-    metric_features = {
+    metric_features: ClassVar[dict[str, Any]] = {
         "originally_correct": datasets.Value("bool"),
         "attack_success": datasets.Value("bool"),
         "queries": datasets.Value("int64"),

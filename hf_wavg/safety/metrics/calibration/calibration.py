@@ -1,5 +1,7 @@
 """Calibration: expected calibration error and Brier score."""
 
+from typing import Any, ClassVar
+
 import datasets
 
 # The base class is reached through its module: evaluate loads the first metric class
@@ -20,7 +22,7 @@ class Calibration(metric_base.SafetyMetric):
         "Brier 1950. Guo et al. 2017, On Calibration of Modern Neural Networks. Nixon et al. 2019, Measuring "
         "Calibration in Deep Learning. Kumar, Liang and Ma 2019, Verified Uncertainty Calibration."
     )
-    metric_features = {
+    metric_features: ClassVar[dict[str, Any]] = {
         "prediction_scores": datasets.Sequence(datasets.Value("float64")),
         "references": datasets.Value("int64"),
     }

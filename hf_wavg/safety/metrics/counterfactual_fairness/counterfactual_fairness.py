@@ -1,5 +1,7 @@
 """Counterfactual fairness: do a model's scores change when only an identity term does?"""
 
+from typing import Any, ClassVar
+
 import datasets
 
 # The base class is reached through its module: evaluate loads the first metric class
@@ -27,7 +29,7 @@ class CounterfactualFairness(metric_base.SafetyMetric):
         "Huang et al. 2020, Reducing Sentiment Bias in Language Models via Counterfactual Evaluation. "
         "Kiritchenko and Mohammad 2018, Examining Gender and Race Bias in Two Hundred Sentiment Analysis Systems."
     )
-    metric_features = {
+    metric_features: ClassVar[dict[str, Any]] = {
         "set_ids": datasets.Value("int64"),
         "languages": datasets.Value("string"),
         "families": datasets.Value("string"),

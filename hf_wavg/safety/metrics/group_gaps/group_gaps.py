@@ -1,5 +1,7 @@
 """Group gaps on labelled data: accuracy, positive-rate and equalized-odds gaps."""
 
+from typing import Any, ClassVar
+
 import datasets
 
 # The base class is reached through its module: evaluate loads the first metric class
@@ -17,7 +19,7 @@ class GroupGaps(metric_base.SafetyMetric):
         "(default 1)."
     )
     metric_citation = "Hardt, Price and Srebro 2016, Equality of Opportunity in Supervised Learning."
-    metric_features = {
+    metric_features: ClassVar[dict[str, Any]] = {
         "predictions": datasets.Value("int64"),
         "references": datasets.Value("int64"),
         "groups": datasets.Value("string"),

@@ -1,5 +1,7 @@
 """Counterfactual log-likelihood gap of a causal language model."""
 
+from typing import Any, ClassVar
+
 import datasets
 
 # The base class is reached through its module: evaluate loads the first metric class
@@ -16,7 +18,7 @@ class LikelihoodGap(metric_base.SafetyMetric):
         "first, ties counting one half), tie_rate, mean_gap and mean_abs_gap (nats)."
     )
     metric_citation = "Nangia et al. 2020, CrowS-Pairs: A Challenge Dataset for Measuring Social Biases in Masked Language Models."
-    metric_features = {
+    metric_features: ClassVar[dict[str, Any]] = {
         "log_likelihoods": datasets.Value("float64"),
         "counterfactual_log_likelihoods": datasets.Value("float64"),
     }

@@ -1,5 +1,7 @@
 """Perturbation robustness: accuracy and invariance under label-preserving noise."""
 
+from typing import Any, ClassVar
+
 import datasets
 
 # The base class is reached through its module: evaluate loads the first metric class
@@ -16,7 +18,7 @@ class PerturbationRobustness(metric_base.SafetyMetric):
         "as <family>/accuracy, <family>/invariance_failure_rate, each with a Clopper-Pearson interval over rows."
     )
     metric_citation = "Ribeiro et al. 2020, Beyond Accuracy: Behavioral Testing of NLP Models with CheckList."
-    metric_features = {
+    metric_features: ClassVar[dict[str, Any]] = {
         "predictions": datasets.Value("int64"),
         "original_predictions": datasets.Value("int64"),
         "references": datasets.Value("int64"),

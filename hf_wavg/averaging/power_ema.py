@@ -97,7 +97,6 @@ class PostHocEMA(AveragingStrategy):
     average; the other profiles only matter for the synthesis afterwards.
     """
 
-    name = "posthoc_ema"
 
     def __init__(self, sigma_rels: Sequence[float] = DEFAULT_SIGMA_RELS,
                  storage_device: torch.device | None = None) -> None:

@@ -1,5 +1,5 @@
 """Post-hoc EMA from saved checkpoints: the power-function EMA of any ``sigma_rel``,
-synthesised from the profiles that :class:`~hf_wavg.averaging.posthoc_ema.PostHocEMA`
+synthesised from the profiles that :class:`~hf_wavg.averaging.power_ema.PostHocEMA`
 wrote into every checkpoint's averager state (see that module for the method and what
 ``t`` means).
 
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hf_wavg import state_io
-from hf_wavg.averaging.posthoc_ema import PROFILE_GROUP, PostHocEMA, SynthesisPlan, plan_synthesis, weighted_sum
+from hf_wavg.averaging.power_ema import PROFILE_GROUP, PostHocEMA, SynthesisPlan, plan_synthesis, weighted_sum
 from hf_wavg.posthoc.checkpoints import CheckpointError, CheckpointReader
 from hf_wavg.posthoc.merge import copy_side_files, training_step, write_weights_like
 from hf_wavg.posthoc.output import prepare_output_dir, staged_dir
@@ -268,7 +268,7 @@ def load_posthoc_ema_into(model: nn.Module, checkpoints: Sequence[str | os.PathL
 
 
 @dataclass
-class PosthocEMAResult:
+class PostHocEMAResult:
     """A sweep: each ``sigma_rel``'s metrics and fit error, and the one chosen."""
 
     sigma_rels: list[float]
@@ -296,6 +296,9 @@ class PosthocEMAResult:
         return "\n".join(lines)
 
 
+
+PosthocEMAResult = PostHocEMAResult  # the earlier spelling, kept for one release
+
 def posthoc_ema_sweep(
     checkpoints: Sequence[str | os.PathLike[str]],
     sigma_rels: Sequence[float],
@@ -304,7 +307,7 @@ def posthoc_ema_sweep(
     select: str | None = None,
     greater_is_better: bool | None = None,
     progress: bool = True,
-) -> PosthocEMAResult:
+) -> PostHocEMAResult:
     """Score the post-hoc EMA of each of ``sigma_rels`` with ``evaluator(model)`` (e.g. a
     :class:`~hf_wavg.posthoc.ModelEvaluator`). ``model`` is best loaded from the latest
     checkpoint. Afterwards it holds the best ``sigma_rel`` on ``select`` if given, else its
@@ -318,7 +321,7 @@ def posthoc_ema_sweep(
     for plan in tqdm(plans, desc="post-hoc EMA lengths", disable=not progress):
         _load_into(model, states, plan)
         rows.append(evaluator(model))
-    result = PosthocEMAResult([p.sigma_rel for p in plans], rows, [p.relative_error for p in plans])
+    result = PostHocEMAResult([p.sigma_rel for p in plans], rows, [p.relative_error for p in plans])
     if select is not None:
         result.selected_sigma_rel, result.selected_by = result.best(select, greater_is_better), select
         _load_into(model, states, plans[result.sigma_rels.index(result.selected_sigma_rel)])
