@@ -22,9 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import RESULTS, markdown_table, mib, peak_tracker, require_peak_rss_reset, write_results
 
 VARIANTS = (

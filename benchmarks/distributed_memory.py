@@ -37,12 +37,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from common import RESULTS, markdown_table, median_seconds, mib, peak_tracker, require_peak_rss_reset, write_results
 from safetensors.torch import save_file
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, markdown_table, median_seconds, mib, peak_tracker, require_peak_rss_reset, write_results
 
 from hf_wavg import EMA, WeightAverager
 from hf_wavg.posthoc.memory import use_fixed_mmap_threshold

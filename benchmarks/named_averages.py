@@ -16,16 +16,13 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, mib, write_results
+from datasets import Dataset
 from step_overhead import minilm_runs_setup, timed
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
 
 from hf_wavg import WAvgCallback, WAvgCallbacks, WAvgConfig, WAvgTrainer
 

@@ -21,10 +21,8 @@ import textwrap
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, markdown_table, mib, require_peak_rss_reset, write_results
+from safetensors.torch import save_file
 
 MEASURE = textwrap.dedent("""
     import json, sys, time

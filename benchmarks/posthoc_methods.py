@@ -34,7 +34,6 @@ import torch
 from hf_wavg.records import STATE_TENSOR_PREFIX
 
 BENCHMARKS = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCHMARKS))
 from common import RESULTS, markdown_table, mib, require_peak_rss_reset, write_results
 
 if TYPE_CHECKING:

@@ -42,7 +42,6 @@ import argparse
 import math
 import random
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
@@ -51,9 +50,6 @@ from typing import Any
 
 import datasets
 import numpy as np
-from transformers.utils import logging as hf_logging
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, markdown_table, write_results
 from paired_stats import paired_effect, smallest_resolvable
 from quality_runs import (
@@ -69,6 +65,7 @@ from quality_runs import (
     load_seed,
     save_seed,
 )
+from transformers.utils import logging as hf_logging
 
 from hf_wavg.safety.logit_pairing import counterfactual_texts
 from hf_wavg.safety.paired import UnitTable

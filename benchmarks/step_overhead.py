@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import RESULTS, markdown_table, median_seconds, mib, write_results
 from datasets import Dataset
 from transformers import (
     AutoModelForSequenceClassification,
@@ -31,9 +32,6 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.utils import logging as hf_logging
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, median_seconds, mib, write_results
 
 from hf_wavg import WAvgConfig, WAvgTrainer
 from hf_wavg.demo.run import default_model_path

@@ -31,11 +31,9 @@ from typing import Any
 
 import psutil
 import torch
+from common import RESULTS, markdown_table, mib, write_results
 from torch import nn
 from transformers import BertConfig, BertModel
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, mib, write_results
 
 from hf_wavg import EMA, DecaySchedule, WeightAverager
 

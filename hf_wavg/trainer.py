@@ -363,7 +363,7 @@ class WAvgTrainer(Trainer):
             logger.warning("hf_wavg: NO AVERAGE yet, %s: %s", consequence, reason)
 
     # Private Trainer methods, overridden or called where no public hook does the job; their
-    # signatures are checked by tests/test_private_trainer_api.py (last checked on transformers 5.25).
+    # signatures are checked by tests/training/test_private_trainer_api.py (last checked on transformers 5.25).
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         # The norm the Trainer computes every optimizer step tells the callback whether the

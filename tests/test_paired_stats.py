@@ -4,14 +4,10 @@ about 5% of the time, whether test-set luck or seed noise dominates."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from paired_stats import mean_difference, paired_effect, smallest_resolvable
+from benchmarks.paired_stats import mean_difference, paired_effect, smallest_resolvable
 
 
 def simulate(effect: float, seed_noise: float, simulations: int, n_units: int = 300, n_seeds: int = 5):

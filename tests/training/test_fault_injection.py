@@ -16,7 +16,7 @@ import torch
 
 from hf_wavg import WAvgConfig
 from hf_wavg.state_io import load_state
-from tests.fault_worker import CONFIG, FAULTS, RUN_SETTINGS
+from tests.training.fault_worker import CONFIG, FAULTS, RUN_SETTINGS
 from tests.trainer_helpers import averaged_named, make_trainer
 
 pytestmark = pytest.mark.slow
