@@ -16,8 +16,8 @@ import torch
 
 from hf_wavg import WAvgConfig
 from hf_wavg.state_io import load_state
-from tests.training.fault_worker import CONFIG, FAULTS, RUN_SETTINGS
 from tests.trainer_helpers import averaged_named, make_trainer
+from tests.training.fault_worker import CONFIG, FAULTS, RUN_SETTINGS
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name("fault_worker.py")
