@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from hf_wavg.averaging.methods import METHOD_NAMES, METHOD_SETTINGS, METHODS
 from hf_wavg.averaging.power_ema import validate_sigma_rels
 from hf_wavg.averaging.schedules import ScheduleName
 from hf_wavg.averaging.strategies import AveragingStrategy
+from hf_wavg.params import BufferMode, ParameterScope
 
 DEFAULT_EMA_HORIZON = 0.2  # share of the run an EMA spans when neither horizon nor ema_decay is set
 logger = logging.getLogger(__name__)
@@ -87,13 +88,13 @@ class WAvgConfig:
     start_fraction: float | None = field(
         default=None, metadata=help_text("Start at this fraction of training, in [0, 1); overrides start_step.")
     )
-    average_parameters: Literal["trainable", "all"] = field(
+    average_parameters: ParameterScope = field(
         default="trainable", metadata=help_text("Average trainable parameters only (LoRA adapters for PEFT) or all.")
     )
     average_name_regex: str | None = field(
         default=None, metadata=help_text("Only average tensors whose name matches this regular expression.")
     )
-    average_buffers: Literal["copy", "average"] = field(
+    average_buffers: BufferMode = field(
         default="copy", metadata=help_text("Float buffers: keep the live model's (copy) or average them.")
     )
     offload_to_cpu: bool = field(default=False, metadata=help_text("Keep the average in CPU memory."))
@@ -212,8 +213,11 @@ class WAvgConfig:
         horizon = self.horizon_in_effect
         if horizon is None:
             return self
-        strategy = METHODS[self.method].strategy_class()
-        return replace(self, horizon=None, **strategy.horizon_settings(self, horizon, max_steps))
+        method = METHODS[self.method]
+        settings = method.strategy_class().horizon_settings(horizon, max_steps, self.update_every,
+                                                            **self.strategy_settings())
+        fields = dict(method.arguments)  # the strategy's names back to the config's
+        return replace(self, horizon=None, **{fields.get(name, name): value for name, value in settings.items()})
 
     def promised_window(self, max_steps: int) -> float | None:
         """The effective window, in optimizer steps, that the horizon in effect promises at the
@@ -229,9 +233,20 @@ class WAvgConfig:
             return int(self.start_fraction * max_steps)
         return self.start_step
 
+    def strategy_settings(self) -> dict[str, Any]:
+        """The method's settings from this config, named as its strategy's keyword arguments."""
+        return {argument: getattr(self, name) for argument, name in METHODS[self.method].arguments}
+
     def build_strategy(self) -> AveragingStrategy:
+        """The strategy of a resolved config (see :meth:`resolved`)."""
+        if self.horizon_in_effect is not None:
+            raise ValueError(f"WAvgConfig's horizon ({self.horizon_in_effect}) is set from the run's length: call "
+                             "resolved(max_steps) first, or set the method's own settings (ema_decay, ...)")
+        if self.start_fraction is not None and "start_step" in dict(METHODS[self.method].arguments).values():
+            raise ValueError(f"method={self.method!r} counts its steps from WAvgConfig.start_step: set start_step, "
+                             "not start_fraction")
         storage = torch.device("cpu") if self.offload_to_cpu else None
-        return METHODS[self.method].strategy_class().from_config(self, storage)
+        return METHODS[self.method].strategy_class().from_settings(storage_device=storage, **self.strategy_settings())
 
     def build_averager(self, model: nn.Module, data_parallel: bool = False) -> WeightAverager:
         """The averager for ``model``; ``data_parallel``: the model is replicated across the

@@ -35,16 +35,13 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def runtime_imports(path: Path) -> set[str]:
-    """The hf_wavg modules ``path`` imports when it runs (at the top or inside a function);
-    imports under ``if TYPE_CHECKING:`` are for type checkers only and are left out."""
+def imported_modules(path: Path) -> set[str]:
+    """The hf_wavg modules ``path`` imports: at the top, inside a function, or for type
+    checkers only (``if TYPE_CHECKING:``), since a type-only import still ties a layer to the
+    names of the one it reaches."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    type_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
-                 and "TYPE_CHECKING" in ast.unparse(block.test) for node in ast.walk(block)}
     found = set()
     for node in ast.walk(tree):
-        if id(node) in type_only:
-            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
         elif isinstance(node, ast.Import):
@@ -59,14 +56,14 @@ def modules() -> list[tuple[str, Path]]:
 
 def test_every_module_imports_only_its_layer_and_those_inside_it():
     upward = [f"{name} (layer {layer_of(name)}) imports {imported} (layer {layer_of(imported)})"
-              for name, path in modules() for imported in runtime_imports(path)
+              for name, path in modules() for imported in imported_modules(path)
               if layer_of(imported) > layer_of(name)]
     assert not upward, "\n".join(upward)
 
 
 def test_safety_is_a_leaf():
     reaching_out = [f"{name} imports {imported}" for name, path in modules() if name.startswith("hf_wavg.safety.")
-                    or name == "hf_wavg.safety" for imported in runtime_imports(path)
+                    or name == "hf_wavg.safety" for imported in imported_modules(path)
                     if not imported.startswith("hf_wavg.safety") and imported not in ("hf_wavg._lazy", "hf_wavg._fields")]
     assert not reaching_out, "\n".join(reaching_out)
 
@@ -75,7 +72,11 @@ def test_the_checker_sees_a_violation(tmp_path):
     # The test above can fail: an upward import inside a function is found.
     module = tmp_path / "state_io.py"
     module.write_text("def f():\n    from hf_wavg.trainer import WAvgTrainer\n", encoding="utf-8")
-    assert runtime_imports(module) == {"hf_wavg.trainer"}
+    assert imported_modules(module) == {"hf_wavg.trainer"}
+    typed = tmp_path / "strategies.py"
+    typed.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from hf_wavg.config import WAvgConfig\n",
+                     encoding="utf-8")
+    assert imported_modules(typed) == {"hf_wavg.config"}
     assert layer_of("hf_wavg.trainer") > layer_of("hf_wavg.state_io")
 
 

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from hf_wavg.averaging import kernels
 from hf_wavg.averaging.strategies import AveragingStrategy, StrategyState
-
-if TYPE_CHECKING:
-    from hf_wavg.config import WAvgConfig
 
 
 class BEMA(AveragingStrategy):
@@ -72,7 +69,6 @@ class BEMA(AveragingStrategy):
         storage_device: where the buffers live; ``None`` keeps each tensor's own device.
     """
 
-
     def __init__(
         self,
         *,
@@ -114,21 +110,6 @@ class BEMA(AveragingStrategy):
         self._ema: list[Tensor] = []
         self._average: list[Tensor] = []
         self._position: dict[int, int] = {}
-
-    @classmethod
-    def from_config(cls, config: WAvgConfig, storage_device: torch.device | None) -> BEMA:
-        if config.start_fraction is not None:
-            raise ValueError("BEMA's step counter starts at WAvgConfig.start_step: set start_step, not start_fraction")
-        return cls(
-            ema_power=config.bema_ema_power,
-            bias_power=config.bema_bias_power,
-            lag=config.bema_lag,
-            multiplier=config.bema_multiplier,
-            min_ema_multiplier=config.bema_min_ema_multiplier,
-            update_every=config.update_every,
-            start_step=config.start_step,
-            storage_device=storage_device,
-        )
 
     # -- the schedule ------------------------------------------------------------------------
 

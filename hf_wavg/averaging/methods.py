@@ -33,6 +33,10 @@ class Method:
         card_keys: the keys of the strategy's ``describe()`` that the model card shows, in order.
         needs_checkpoints: for a method whose result is made from checkpoints after training,
             what a run that saves none loses (a warning says it); empty otherwise.
+        arguments: (keyword argument of the strategy's ``from_settings``, ``WAvgConfig`` field)
+            pairs: how a config builds the strategy, and how a horizon's settings (named as
+            the strategy's arguments) go back into the config. The schedule's ``update_every``,
+            ``start_step`` and ``start_fraction`` keep their names.
     """
 
     name: str
@@ -43,6 +47,7 @@ class Method:
     horizon_default_unless: str | None = None
     card_keys: tuple[str, ...] = ()
     needs_checkpoints: str = ""
+    arguments: tuple[tuple[str, str], ...] = ()
 
     def strategy_class(self) -> type[AveragingStrategy]:
         module, name = self.strategy.split(":")
@@ -59,6 +64,8 @@ METHODS: dict[str, Method] = {
             settings=("ema_decay", "ema_schedule", "ema_power", "ema_gamma"),
             horizon_sets=("ema_decay", "ema_schedule"), horizon_default_unless="ema_decay",
             card_keys=("decay", "schedule", "power", "gamma"),
+            arguments=(("decay", "ema_decay"), ("schedule", "ema_schedule"), ("power", "ema_power"),
+                       ("gamma", "ema_gamma")),
         ),
         Method(
             "swa", "uniform mean of every snapshot from a start step", f"{_STRATEGIES}:SWA",
@@ -66,17 +73,21 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "lawa", "mean of the latest k snapshots", f"{_STRATEGIES}:LAWA",
-            settings=("lawa_k",), horizon_sets=("update_every",), card_keys=("k",),
+            settings=("lawa_k",), horizon_sets=("update_every",), card_keys=("k",), arguments=(("k", "lawa_k"),),
         ),
         Method(
             "bema", "bias-corrected EMA (Block & Zhang 2025), as TRL's BEMACallback", "hf_wavg.averaging.bema:BEMA",
             settings=("bema_ema_power", "bema_bias_power", "bema_lag", "bema_multiplier", "bema_min_ema_multiplier"),
             card_keys=("ema_power", "bias_power", "lag", "multiplier", "min_ema_multiplier"),
+            arguments=(("ema_power", "bema_ema_power"), ("bias_power", "bema_bias_power"), ("lag", "bema_lag"),
+                       ("multiplier", "bema_multiplier"), ("min_ema_multiplier", "bema_min_ema_multiplier"),
+                       ("update_every", "update_every"), ("start_step", "start_step")),
         ),
         Method(
             "posthoc_ema", "power-function EMA profiles saved in every checkpoint, so that the EMA length is chosen "
             "after training (hf-wavg posthoc-ema)", "hf_wavg.averaging.power_ema:PostHocEMA",
             settings=("posthoc_ema_sigma_rels",), card_keys=("sigma_rels",),
+            arguments=(("sigma_rels", "posthoc_ema_sigma_rels"),),
             needs_checkpoints="hf-wavg posthoc-ema will have nothing to synthesise from",
         ),
     )

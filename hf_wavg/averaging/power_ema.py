@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,9 +37,6 @@ from torch import Tensor
 
 from hf_wavg.averaging import kernels
 from hf_wavg.averaging.strategies import AveragingStrategy, StrategyState
-
-if TYPE_CHECKING:
-    from hf_wavg.config import WAvgConfig
 
 DEFAULT_SIGMA_RELS: tuple[float, ...] = (0.05, 0.10)  # the paper's two stored profiles
 # gamma = 0, the uniform mean of every snapshot, has the largest relative width 1/sqrt(12);
@@ -97,17 +94,12 @@ class PostHocEMA(AveragingStrategy):
     average; the other profiles only matter for the synthesis afterwards.
     """
 
-
     def __init__(self, sigma_rels: Sequence[float] = DEFAULT_SIGMA_RELS,
                  storage_device: torch.device | None = None) -> None:
         super().__init__(storage_device)
         self.sigma_rels = validate_sigma_rels(sigma_rels)
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
         self._profiles: list[list[Tensor]] = []
-
-    @classmethod
-    def from_config(cls, config: WAvgConfig, storage_device: torch.device | None) -> PostHocEMA:
-        return cls(config.posthoc_ema_sigma_rels, storage_device=storage_device)  # type: ignore[attr-defined]
 
     def initialize(self, like: Sequence[Tensor]) -> None:
         self._profiles = [kernels.float32_like(like, self.storage_device, pin_memory=self._pin())

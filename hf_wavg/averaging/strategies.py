@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,9 +19,6 @@ from torch import Tensor
 from hf_wavg.averaging import kernels
 from hf_wavg.averaging.methods import method_name_of
 from hf_wavg.averaging.schedules import DecaySchedule
-
-if TYPE_CHECKING:
-    from hf_wavg.config import WAvgConfig
 
 StrategyState = tuple[dict[str, list[Tensor]], dict[str, Any]]
 _MAX_DECAY = 1.0 - 1e-9  # a float32 average cannot tell decays closer to 1 apart anyway
@@ -56,14 +53,16 @@ class AveragingStrategy(ABC):
         )
 
     @classmethod
-    @abstractmethod
-    def from_config(cls, config: WAvgConfig, storage_device: torch.device | None) -> AveragingStrategy:
-        """The strategy a (resolved) ``WAvgConfig`` asks for."""
+    def from_settings(cls, storage_device: torch.device | None = None, **settings: Any) -> AveragingStrategy:
+        """The strategy with ``settings``, named as its keyword arguments (the method's registry
+        entry maps ``WAvgConfig``'s fields onto them)."""
+        return cls(**settings, storage_device=storage_device)
 
     @classmethod
-    def horizon_settings(cls, config: WAvgConfig, horizon: float, max_steps: int) -> dict[str, Any]:
-        """The ``WAvgConfig`` fields that make this method average over about the last
-        ``horizon`` share of a ``max_steps``-step run."""
+    def horizon_settings(cls, horizon: float, max_steps: int, update_every: int, **settings: Any) -> dict[str, Any]:
+        """The settings that make this method average over about the last ``horizon`` share of a
+        ``max_steps``-step run, given its other ``settings``: its own keyword arguments, or the
+        schedule's ``update_every``, ``start_step`` and ``start_fraction``."""
         raise NotImplementedError(f"method {cls.name!r} has no horizon setting")
 
     @classmethod
@@ -150,26 +149,22 @@ class EMA(RunningAverage):
     """Exponential moving average with a warm-up decay schedule:
     ``avg <- beta_n * avg + (1 - beta_n) * w``, ``beta_n = schedule(n)``."""
 
-
     def __init__(self, schedule: DecaySchedule | None = None, storage_device: torch.device | None = None) -> None:
         super().__init__(storage_device)
         self.schedule = schedule or DecaySchedule()
 
     @classmethod
-    def from_config(cls, config: WAvgConfig, storage_device: torch.device | None) -> EMA:
-        if config.ema_decay is None or config.horizon is not None:
-            raise ValueError("WAvgConfig.ema_decay is set from the run's length: call resolved(max_steps) first, "
-                             "or set ema_decay")
-        schedule = DecaySchedule(config.ema_decay, config.ema_schedule, config.ema_power, config.ema_gamma)
-        return cls(schedule, storage_device=storage_device)
+    def from_settings(cls, storage_device: torch.device | None = None, **settings: Any) -> EMA:
+        """``decay``, ``schedule``, ``power`` and ``gamma`` of its :class:`DecaySchedule`."""
+        return cls(DecaySchedule(**settings), storage_device=storage_device)
 
     @classmethod
-    def horizon_settings(cls, config: WAvgConfig, horizon: float, max_steps: int) -> dict[str, Any]:
+    def horizon_settings(cls, horizon: float, max_steps: int, update_every: int, **settings: Any) -> dict[str, Any]:
         # A time constant of half the horizon: the last horizon share holds 1 - e^-2 = 86% of
         # the weight. The mean warm-up reaches that decay after about half the horizon's
         # snapshots, whatever the run's length; the rational one would cap it short on a short run.
-        snapshots = max(1.0, horizon * max_steps / config.update_every)
-        return {"ema_decay": min(math.exp(-2.0 / snapshots), _MAX_DECAY), "ema_schedule": "mean"}
+        snapshots = max(1.0, horizon * max_steps / update_every)
+        return {"decay": min(math.exp(-2.0 / snapshots), _MAX_DECAY), "schedule": "mean"}
 
     @classmethod
     def horizon_window(cls, horizon: float, max_steps: int) -> float:
@@ -203,11 +198,7 @@ class SWA(RunningAverage):
     """Uniform mean of every snapshot: ``avg <- avg + (w - avg) / (n + 1)``."""
 
     @classmethod
-    def from_config(cls, config: WAvgConfig, storage_device: torch.device | None) -> SWA:
-        return cls(storage_device=storage_device)
-
-    @classmethod
-    def horizon_settings(cls, config: WAvgConfig, horizon: float, max_steps: int) -> dict[str, Any]:
+    def horizon_settings(cls, horizon: float, max_steps: int, update_every: int, **settings: Any) -> dict[str, Any]:
         # The last round(horizon * max_steps) steps, the first of them folded in: a window of
         # exactly that many steps (to within one update interval).
         span = max(1, round(horizon * max_steps))
@@ -224,7 +215,6 @@ class LAWA(AveragingStrategy):
     the memory of float32 for bf16 models); the mean is summed in float32 when read.
     """
 
-
     def __init__(self, k: int = 5, storage_device: torch.device | None = None) -> None:
         super().__init__(storage_device)
         if k < 1:
@@ -235,13 +225,9 @@ class LAWA(AveragingStrategy):
         self._next_slot = 0
 
     @classmethod
-    def from_config(cls, config: WAvgConfig, storage_device: torch.device | None) -> LAWA:
-        return cls(config.lawa_k, storage_device=storage_device)
-
-    @classmethod
-    def horizon_settings(cls, config: WAvgConfig, horizon: float, max_steps: int) -> dict[str, Any]:
+    def horizon_settings(cls, horizon: float, max_steps: int, update_every: int, **settings: Any) -> dict[str, Any]:
         # The k snapshots spread evenly over the horizon.
-        return {"update_every": max(1, round(max(1.0, horizon * max_steps) / config.lawa_k))}
+        return {"update_every": max(1, round(max(1.0, horizon * max_steps) / settings["k"]))}
 
     @property
     def filled(self) -> int:
