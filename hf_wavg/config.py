@@ -44,11 +44,10 @@ class WAvgConfig:
     horizon: float | None = field(
         default=None,
         metadata=help_text(
-            "Average over about this share of training, in (0, 1]: EMA with time constant horizon/2 of the run "
-            "(that last share holds 86% of the weight; the mean warm-up, which reaches it in any run), SWA over "
-            "the last horizon*max_steps steps, LAWA's k snapshots spread over it. Set from max_steps when training "
-            "begins; overrides ema_decay and ema_schedule (EMA), start_step and start_fraction (SWA), update_every "
-            f"(LAWA). EMA with neither horizon nor ema_decay set uses {DEFAULT_EMA_HORIZON}."
+            "Average over about this share of training, in (0, 1], set from max_steps when training begins: "
+            + "; ".join(f"{m.name}, {m.horizon_meaning} (overrides {' and '.join(m.horizon_sets)})"
+                        for m in METHODS.values() if m.horizon_sets)
+            + f". EMA with neither horizon nor ema_decay set uses {DEFAULT_EMA_HORIZON}."
         ),
     )
     ema_decay: float | None = field(

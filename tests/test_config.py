@@ -132,3 +132,16 @@ def test_settings_that_do_nothing_are_warned_about(settings, warning, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_wavg.config"):
         WAvgConfig()
     assert not caplog.records
+
+
+def test_the_horizon_help_is_written_from_the_registry():
+    from dataclasses import fields
+
+    from hf_wavg.averaging.methods import METHODS
+
+    help_text = next(f.metadata["help"] for f in fields(WAvgConfig) if f.name == "horizon")
+    for method in METHODS.values():
+        if method.horizon_sets:
+            assert method.horizon_meaning and f"{method.name}, {method.horizon_meaning}" in help_text, method.name
+        else:
+            assert f"{method.name}," not in help_text, method.name

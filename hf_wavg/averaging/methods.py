@@ -28,6 +28,7 @@ class Method:
             another method draws a warning.
         horizon_sets: the fields a ``horizon`` replaces (setting them too draws a warning); a
             method without any does not take a ``horizon``.
+        horizon_meaning: what a ``horizon`` makes of the method, for ``--help``.
         horizon_default_unless: the field whose value, when left None, means "span the
             default horizon"; None if the method has no default horizon.
         card_keys: the keys of the strategy's ``describe()`` that the model card shows, in order.
@@ -44,6 +45,7 @@ class Method:
     strategy: str
     settings: tuple[str, ...] = ()
     horizon_sets: tuple[str, ...] = ()
+    horizon_meaning: str = ""
     horizon_default_unless: str | None = None
     card_keys: tuple[str, ...] = ()
     needs_checkpoints: str = ""
@@ -63,17 +65,20 @@ METHODS: dict[str, Method] = {
             "ema", "exponential moving average with a warm-up decay", f"{_STRATEGIES}:EMA",
             settings=("ema_decay", "ema_schedule", "ema_power", "ema_gamma"),
             horizon_sets=("ema_decay", "ema_schedule"), horizon_default_unless="ema_decay",
+            horizon_meaning="a time constant of horizon/2 of the run (that last share holds 86% of the weight), "
+                            "with the mean warm-up, which reaches it in any run",
             card_keys=("decay", "schedule", "power", "gamma"),
             arguments=(("decay", "ema_decay"), ("schedule", "ema_schedule"), ("power", "ema_power"),
                        ("gamma", "ema_gamma")),
         ),
         Method(
             "swa", "uniform mean of every snapshot from a start step", f"{_STRATEGIES}:SWA",
-            horizon_sets=("start_step", "start_fraction"),
+            horizon_sets=("start_step", "start_fraction"), horizon_meaning="the last horizon*max_steps steps",
         ),
         Method(
             "lawa", "mean of the latest k snapshots", f"{_STRATEGIES}:LAWA",
             settings=("lawa_k",), horizon_sets=("update_every",), card_keys=("k",), arguments=(("k", "lawa_k"),),
+            horizon_meaning="its k snapshots spread over that share",
         ),
         Method(
             "bema", "bias-corrected EMA (Block & Zhang 2025), as TRL's BEMACallback", "hf_wavg.averaging.bema:BEMA",
