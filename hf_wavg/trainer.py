@@ -97,7 +97,7 @@ class WAvgTrainer(Trainer):
         safety_dataset = safety_dataset if safety_dataset is not None else self.eval_dataset
         if isinstance(wavg_config, Mapping):
             group = WAvgCallbacks(wavg_config, safety_config, safety_dataset, self.processing_class)
-            self._averages: dict[str | None, WAvgCallback] = dict(group.callbacks)
+            self._averages: dict[str | None, WAvgCallback] = {name: cb for name, cb in group.callbacks.items()}
             self.wavg_selection: str | None = self._checked_selection(wavg_selection)
             self.wavg_config = next(iter(wavg_config.values())) if self.wavg_selection == BEST \
                 else wavg_config[self.wavg_selection]
@@ -167,7 +167,8 @@ class WAvgTrainer(Trainer):
         ``load_best_model_at_end``, else at the last evaluation (the first before any)."""
         if self.wavg_selection != BEST:
             return self.wavg_selection
-        step = self.state.best_global_step if self._training_ended and self.args.load_best_model_at_end else None
+        step: float | None = (self.state.best_global_step if self._training_ended and self.args.load_best_model_at_end
+                              else None)
         evaluations = [log for log in self.state.log_history if "step" in log and any(k.startswith("eval_") for k in log)]
         if step is None and evaluations:
             step = evaluations[-1]["step"]
@@ -178,8 +179,8 @@ class WAvgTrainer(Trainer):
         """The named average scoring best on ``metric_for_best_model`` in ``metrics`` (the
         first of equals), or None when none is scored."""
         metric = (self.args.metric_for_best_model or "").removeprefix(f"{prefix}_").removeprefix("eval_")
-        scores = {name: metrics.get(f"{prefix}_{name}_{metric}") for name in self.average_names}
-        scores = {name: float(v) for name, v in scores.items() if is_finite_number(v)}
+        logged = {name: metrics.get(f"{prefix}_{name}_{metric}") for name in self.average_names}
+        scores = {name: float(v) for name, v in logged.items() if v is not None and is_finite_number(v)}
         if not scores:
             return None
         return (max if self.args.greater_is_better else min)(scores, key=scores.__getitem__)
@@ -216,7 +217,7 @@ class WAvgTrainer(Trainer):
         for batch in self.get_train_dataloader():
             yield self._prepare_inputs(batch)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         if resume_from_checkpoint is True:
             resume_from_checkpoint = self._last_resumable_checkpoint()
             if resume_from_checkpoint is None:
@@ -232,10 +233,10 @@ class WAvgTrainer(Trainer):
         """The newest complete checkpoint: its trainer state (which the Trainer writes last)
         readable and, unless a new average is wanted, its averager state there. A save that
         was interrupted (a killed process, a rank failing mid-save) is passed over."""
-        if not os.path.isdir(self.args.output_dir):
+        if not os.path.isdir(self._output_dir):
             return None
         needs_average = not self.wavg_config.restart_average_on_resume
-        for checkpoint in reversed(sort_checkpoints(self.args.output_dir)):
+        for checkpoint in reversed(sort_checkpoints(self._output_dir)):
             if saved_trainer_state(checkpoint) is None:
                 logger.warning("hf_wavg: %s has no readable %s (an interrupted save?); looking at older checkpoints",
                                checkpoint, TRAINER_STATE_NAME)
@@ -280,8 +281,8 @@ class WAvgTrainer(Trainer):
             for dataset, suffix in parts:
                 metrics.update(super(WAvgTrainer, self).evaluate(dataset, ignore_keys, f"{key_prefix}{suffix}"))
 
-        ready = [name for name in self.average_names if self._averages[name].averager is not None
-                 and self._averages[name].averager.has_average]
+        ready = [name for name in self.average_names
+                 if (averager := self._averages[name].averager) is not None and averager.has_average]
         if not self.wavg_config.evaluate_average or not ready:
             if self.wavg_config.evaluate_average:
                 self._warn_unaveraged(f"{prefix}_* metrics are the raw weights'")
@@ -370,7 +371,7 @@ class WAvgTrainer(Trainer):
         # step kept the weights finite, so the average need not read them twice. No callback
         # hook receives it.
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        if self._callbacks_leave_weights_alone():
+        if self._callbacks_leave_weights_alone() and self.optimizer is not None:
             rates = [group.get("lr", float("nan")) for group in self.optimizer.param_groups]
             for callback in self._averages.values():
                 callback.note_step_signal(grad_norm, rates)
@@ -405,7 +406,7 @@ class WAvgTrainer(Trainer):
             # The averager state goes in with the weights, before the Trainer rotates older
             # checkpoints away: a failure from here on leaves the previous one whole.
             for callback in self._averages.values():
-                callback.save_state(output_dir or self.args.output_dir, self.args, self.state.global_step)
+                callback.save_state(output_dir or self._output_dir, self.args, self.state.global_step)
             return
         save_average = self.wavg_config.save_average
         if save_average and not self._average_ready():
@@ -414,7 +415,7 @@ class WAvgTrainer(Trainer):
             self._refuse_non_finite()
             super().save_model(output_dir, _internal_call)
         if save_average and self.args.should_save:
-            target = output_dir or self.args.output_dir
+            target = output_dir or self._output_dir
             with open(os.path.join(target, AVERAGING_FILE), "w", encoding="utf-8") as handle:
                 json.dump(self.averaging_summary(), handle, indent=2)
             for callback in self._averages.values():  # each named average's, for comparison
@@ -425,6 +426,11 @@ class WAvgTrainer(Trainer):
                 self.safety_monitor.plot(target)
             # The folder is a Hub model as it lies: its card, made from the records just written.
             write_model_card(target, data=card_metadata(target, base_model=self._base_model_name()), refresh=True)
+
+    @property
+    def _output_dir(self) -> str:
+        """``args.output_dir``, which TrainingArguments sets to a default when it is None."""
+        return str(self.args.output_dir)
 
     def _base_model_name(self) -> str | None:
         """What the run started from: the name or folder the model was loaded from, if any."""
@@ -498,17 +504,17 @@ class WAvgTrainer(Trainer):
         super().create_model_card(*args, **kwargs)
         if not self.is_world_process_zero() or not self.wavg_config.save_average:
             return
-        card_path = os.path.join(self.args.output_dir, MODEL_CARD_FILE)
+        card_path = os.path.join(self._output_dir, MODEL_CARD_FILE)
         with open(card_path, "a", encoding="utf-8") as handle:
             handle.write("\n" + averaging_card_section(self.averaging_summary()))
             if self.safety_monitor is not None and self.safety_monitor.history:
                 handle.write("\n" + self.safety_monitor.card_section())
-                if os.path.isfile(os.path.join(self.args.output_dir, SAFETY_PLOT_FILE)):
+                if os.path.isfile(os.path.join(self._output_dir, SAFETY_PLOT_FILE)):
                     handle.write("\n" + PLOT_MARKDOWN)
         # The metadata's results: the saved average's, from the records save_model() wrote.
         dataset = kwargs.get("dataset")
-        card = add_eval_results(ModelCard.load(card_path), self.args.output_dir,
-                                kwargs.get("model_name") or os.path.basename(os.path.abspath(self.args.output_dir)),
+        card = add_eval_results(ModelCard.load(card_path), self._output_dir,
+                                kwargs.get("model_name") or os.path.basename(os.path.abspath(self._output_dir)),
                                 dataset if isinstance(dataset, str) else None)
         card.save(card_path)
 
