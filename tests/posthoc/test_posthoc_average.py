@@ -3,7 +3,6 @@ numpy, layouts (sharded, pickle, LoRA adapters), bad input, and peak memory."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -230,11 +229,9 @@ def test_lora_adapters_are_averaged_factor_by_factor_and_load_with_peft(tmp_path
 
 def posthoc_benchmark():
     """benchmarks/posthoc_average.py, whose checkpoints and measurement this test shares."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "posthoc_average.py"
-    spec = importlib.util.spec_from_file_location("posthoc_average_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import posthoc_average
+
+    return posthoc_average
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
