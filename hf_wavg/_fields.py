@@ -74,7 +74,7 @@ def is_integer_at_least(value: Any, minimum: int) -> bool:
 
 def check_field_types(config: Any) -> None:
     """Raise ``ValueError`` naming the first field of ``config`` whose value has the wrong type."""
-    for name, hint in field_types(type(config)).items():
+    for name, hint in field_types(type(config)).items():  # type: ignore[arg-type]  # classes are hashable
         allowed = type_error(config, name, hint)
         if allowed is not None:
             raise ValueError(f"{type(config).__name__}.{name} must be {allowed}; got {getattr(config, name)!r}")

@@ -13,12 +13,17 @@ from itertools import islice
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def batchnorm_modules(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+def _stat(tensor: Tensor | None) -> Tensor:
+    assert tensor is not None, "a BatchNorm that tracks running statistics holds them"
+    return tensor
 
 
 @contextmanager
@@ -31,9 +36,9 @@ def recomputed_batchnorm(
     if not modules:
         yield
         return
-    saved = [
-        (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum) for m in modules
-    ]
+    # track_running_stats: every module here holds its statistics (typed Optional by torch).
+    saved = [(_stat(m.running_mean), _stat(m.running_var), _stat(m.num_batches_tracked), m.momentum)
+             for m in modules]
     was_training = model.training
     try:
         for module in modules:
@@ -48,7 +53,7 @@ def recomputed_batchnorm(
     finally:
         model.train(was_training)
         for module, (mean, var, count, momentum) in zip(modules, saved):
-            module.running_mean.copy_(mean)
-            module.running_var.copy_(var)
-            module.num_batches_tracked.copy_(count)
+            _stat(module.running_mean).copy_(mean)
+            _stat(module.running_var).copy_(var)
+            _stat(module.num_batches_tracked).copy_(count)
             module.momentum = momentum

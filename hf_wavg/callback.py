@@ -208,7 +208,7 @@ class WAvgCallback(TrainerCallback):
         checkpoint = self.resume_from_checkpoint
         guessed = checkpoint is None
         if checkpoint is None:
-            checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            checkpoint = os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         state_dir = self.state_dir(checkpoint)
         if not has_state(state_dir):
             # A Trainer does not say which folder it resumed from; a guess may just be the wrong one.
@@ -336,7 +336,7 @@ class WAvgCallback(TrainerCallback):
             if self.publish_fn is not None:
                 self.publish_fn(self.safety_monitor, state.global_step)
         if args.should_save:
-            self.safety_monitor.write_report(args.output_dir)
+            self.safety_monitor.write_report(str(args.output_dir))
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         every = self.run_config.refine_every_epochs
@@ -357,7 +357,7 @@ class WAvgCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         # WAvgTrainer has already saved the state, before the Trainer rotated old
         # checkpoints away; other Trainers call back only after rotating.
-        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        checkpoint = os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         self.save_state(checkpoint, args, state.global_step)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:

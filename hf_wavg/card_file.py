@@ -28,7 +28,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 def is_hub_id(name: str | None) -> bool:
     """A Hub repository id (``org/name`` or ``name``), not a folder on this machine."""
-    return bool(name) and not Path(name).exists() and not os.path.isabs(name) and name.count("/") <= 1
+    return bool(name) and name is not None and not Path(name).exists() and not os.path.isabs(name) \
+        and name.count("/") <= 1
 
 
 def base_model_license(base_model: str | None) -> str | None:

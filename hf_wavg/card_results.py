@@ -43,7 +43,7 @@ def task_type(directory: Path) -> str:
                 return task
     adapter = _read(directory / "adapter_config.json") or {}
     return {"SEQ_CLS": "text-classification", "CAUSAL_LM": "text-generation",
-            "TOKEN_CLS": "token-classification"}.get(adapter.get("task_type"), "other")
+            "TOKEN_CLS": "token-classification"}.get(str(adapter.get("task_type")), "other")
 
 
 # Task metrics under the Hub's standard types: (type, display name, arguments).
@@ -88,7 +88,7 @@ def eval_results(
                                           metric_args=metric_args, metric_value=float(value)))
     report = _read(directory / SAFETY_REPORT_FILE)
     entry = next((e for e in reversed((report or {}).get("history", [])) if e.get("weights") == "average"), None)
-    if entry is not None:
+    if report is not None and entry is not None:
         config = report.get("config", {})
         languages = config.get("safety_languages")
         arguments = {key: config[key] for key in _SUITE_SETTINGS if config.get(key) is not None}
@@ -110,6 +110,6 @@ def add_eval_results(card: ModelCard, directory: str | os.PathLike[str], model_n
     and averaged metrics sit side by side; these are the saved weights' alone."""
     results = eval_results(directory, dataset_name)
     if results:
-        card.data.eval_results = results
-        card.data.model_name = card.data.model_name or model_name
+        card.data.eval_results = results  # type: ignore[attr-defined]  # a ModelCardData
+        card.data.model_name = card.data.model_name or model_name  # type: ignore[attr-defined]
     return card

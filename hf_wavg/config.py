@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 def _defaults() -> dict[str, Any]:
-    return {spec.name: spec.default if spec.default is not MISSING else spec.default_factory()  # type: ignore[misc]
+    return {spec.name: spec.default if spec.default_factory is MISSING else spec.default_factory()
             for spec in fields(WAvgConfig)}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,7 @@ def merge_card_section(record: dict[str, Any]) -> str:
     if record.get("kind") == "adapter":
         what = {"exact": "LoRA adapters (exactly: the adapter of summed rank whose update is the mean update)",
                 "svd": "LoRA adapters (the mean update, truncated by SVD)"}.get(
-            (lora or {}).get("mode"), "LoRA adapters (factor by factor)")
+            str((lora or {}).get("mode")), "LoRA adapters (factor by factor)")
     else:
         what = "checkpoints"
     lines = ["## Checkpoint averaging (hf_wavg)", ""]
@@ -256,14 +256,14 @@ def format_table(entries: list[dict[str, Any]], confidence_level: float, title: 
     return "\n".join(lines) + "\n"
 
 
-def group_findings(metrics: dict[str, float | None], confidence_level: float) -> str | None:
+def group_findings(metrics: Mapping[str, float | None], confidence_level: float) -> str | None:
     """In words: the (language/family) cells whose groups differ beyond their terms'
     variation (Holm across the testable cells), each with its debiased gap and Tukey's
     interval, or that none does; and how many cells had too few terms to test."""
     prefix, alpha = "counterfactual/", 1.0 - confidence_level
     holm = {key[len(prefix):-len("/group_test_p_holm")]: value for key, value in metrics.items()
             if key.startswith(prefix) and key.endswith("/group_test_p_holm") and key.count("/") == 3}
-    testable = {cell: value for cell, value in holm.items() if is_finite_number(value)}
+    testable = {cell: float(value) for cell, value in holm.items() if value is not None and is_finite_number(value)}
     if not holm:
         return None
     untestable = len(holm) - len(testable)

@@ -182,7 +182,7 @@ class SafetyMonitor:
         if not shown:
             return None
         has_delta = any(e["weights"] == DELTA for e in self.history)
-        series = [(key, title, WEIGHTS, key) for key, title in shown]
+        series: list[tuple[str, str, tuple[str, ...], str]] = [(key, title, WEIGHTS, key) for key, title in shown]
         if has_delta:
             series += [(key, f"{title}: average − raw", (DELTA,), f"delta/{key}") for key, title in shown
                        if any(f"delta/{key}" in e["metrics"] for e in self.history)]

@@ -153,8 +153,12 @@ def fsdp1_pieces(model: nn.Module) -> dict[int, Piece]:
                 "to the model's tensors; set use_orig_params=True (fsdp_use_orig_params: true in the "
                 "Accelerate config) or use FSDP2 (fsdp_version: 2)"
             )
-        for param, shape, info in zip(flat._params, flat._shapes, flat._shard_param_infos):
-            start, stop = (info.intra_param_start_idx, info.intra_param_end_idx + 1) if info.in_shard else (0, 0)
+        for param, shape, info in zip(flat._params or (), flat._shapes, flat._shard_param_infos):
+            if info.in_shard:
+                assert info.intra_param_start_idx is not None and info.intra_param_end_idx is not None
+                start, stop = info.intra_param_start_idx, info.intra_param_end_idx + 1
+            else:
+                start, stop = 0, 0
             pieces[id(param)] = Piece(tuple(shape), start, stop)
     return pieces
 

@@ -79,8 +79,12 @@ def tensor_file_name(rank: int = 0, world_size: int = 1) -> str:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
+    # Read in blocks rather than with hashlib.file_digest, which Python 3.10 lacks.
+    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_tensors(directory: str | os.PathLike[str], file_name: str, tensors: dict[str, Tensor]) -> dict[str, Any]:

@@ -70,7 +70,8 @@ def check_compatible(readers: Sequence[CheckpointReader], lora_mode: LoraMode | 
     for reader in readers[1:]:
         if reader.kind != reference.kind:
             raise CheckpointError(f"{reader.path} is a {reader.kind} but {reference.path} is a {reference.kind}")
-    if reference.kind == "adapter" and resolve_lora_mode(readers, lora_mode).mode in UPDATE_SPACE_MODES:
+    choice = resolve_lora_mode(readers, lora_mode) if reference.kind == "adapter" else None
+    if choice is not None and choice.mode in UPDATE_SPACE_MODES:
         check_update_space_compatible(readers)
         return
     for reader in readers[1:]:

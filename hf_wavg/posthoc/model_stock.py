@@ -113,16 +113,26 @@ def _refuse_adapter(reader: CheckpointReader) -> None:
         )
 
 
+def _strip(prefix: str) -> Callable[[str], str | None]:
+    return lambda name: name[len(prefix):] if name.startswith(prefix) else None
+
+
+def _prepend(prefix: str) -> Callable[[str], str | None]:
+    return lambda name: prefix + name
+
+
 def _renamings(finetuned: Sequence[str], pretrained: Sequence[str]) -> list[tuple[str, Callable[[str], str | None]]]:
     """Ways a fine-tuned name may be saved in the pre-trained checkpoint: as is, or with a
     task model's base prefix (``bert.``) dropped or added, since a base model is saved
     without it and a task model with it."""
     prefixes = sorted({name.split(".", 1)[0] + "." for name in (*finetuned, *pretrained) if "." in name})
-    out: list[tuple[str, Callable[[str], str | None]]] = [("same names", lambda name: name)]
+    def same(name: str) -> str | None:
+        return name
+
+    out: list[tuple[str, Callable[[str], str | None]]] = [("same names", same)]
     for prefix in prefixes:
-        out.append((f"fine-tuned names without {prefix!r}",
-                    lambda name, p=prefix: name[len(p):] if name.startswith(p) else None))
-        out.append((f"fine-tuned names with {prefix!r} in front", lambda name, p=prefix: p + name))
+        out.append((f"fine-tuned names without {prefix!r}", _strip(prefix)))
+        out.append((f"fine-tuned names with {prefix!r} in front", _prepend(prefix)))
     return out
 
 
@@ -232,7 +242,7 @@ def model_stock(
     readers = open_checkpoints(readers)
     reference = readers[0]
     base = pretrained if isinstance(pretrained, CheckpointReader) else None
-    if base is None and (Path(pretrained).exists() or not _is_hub_id(pretrained)):
+    if not isinstance(pretrained, CheckpointReader) and (Path(pretrained).exists() or not _is_hub_id(pretrained)):
         base = CheckpointReader(pretrained)  # says what is wrong with a folder that is not there
     inputs = [*(reader.path for reader in readers), *([base.path] if base is not None else [])]
     output = prepare_output_dir(output_dir, overwrite, inputs, record=MERGE_FILE)  # before any download

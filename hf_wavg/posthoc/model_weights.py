@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +31,7 @@ def saved_state(model: nn.Module, kind: CheckpointKind | None = None) -> dict[st
             raise CheckpointError("these checkpoints hold a PEFT adapter but the model is not a PeftModel")
         from peft import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(model, adapter_name=model.active_adapter)
+        return get_peft_model_state_dict(model, adapter_name=model.active_adapter)  # type: ignore[arg-type]  # a PeftModel
     return model.state_dict()
 
 
@@ -86,7 +87,7 @@ def load_average_into(
             target.copy_(staged)
 
 
-def replace_adapter(model: nn.Module, folder: str | os.PathLike[str]) -> None:
+def replace_adapter(model: Any, folder: str | os.PathLike[str]) -> None:  # a peft.PeftModel
     """Load the adapter saved in ``folder`` into the PeftModel ``model`` in place of its active
     adapter, under the same name, as trainable as it was and in the same train/eval mode.
 

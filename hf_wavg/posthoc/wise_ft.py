@@ -52,7 +52,7 @@ def _pretrained_state(model: nn.Module, pretrained: Pretrained) -> dict[str, Ten
         return pretrained.state_dict()
     # Load the same class with the fine-tuned config: the head comes out freshly initialised,
     # is reported as missing (or mismatched), and is left out of the interpolation.
-    loaded, info = type(model).from_pretrained(
+    loaded, info = type(model).from_pretrained(  # type: ignore[attr-defined]  # a PreTrainedModel
         pretrained, config=model.config, output_loading_info=True, ignore_mismatched_sizes=True
     )
     fresh = set(info.get("missing_keys", ())) | {key for key, *_ in info.get("mismatched_keys", ())}
@@ -96,7 +96,7 @@ class WiseFT:
         self.model = model
         live = _float_tensors(model)
         if is_peft_model(model):
-            if any(getattr(c, "use_dora", False) for c in model.peft_config.values()):
+            if any(getattr(c, "use_dora", False) for c in model.peft_config.values()):  # type: ignore[operator]
                 raise NotImplementedError("WiSE-FT of a DoRA adapter is not supported (its magnitude is not linear)")
             start = {n: torch.zeros_like(t) for n, t in live.items() if any(f in n for f in _LORA_UPDATE_FACTORS)}
         else:
@@ -166,7 +166,7 @@ def save_wise_ft(
     and the sweep's record, ``sources`` (e.g. the fine-tuned and pre-trained paths) included.
     ``output_dir`` is written all at once (staged), so a failure leaves no partial folder."""
     with staged_dir(Path(output_dir)) as staging:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging)  # type: ignore[operator]  # a PreTrainedModel or PeftModel
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         record = {**result.to_dict(), **(sources or {})}

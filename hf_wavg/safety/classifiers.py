@@ -121,8 +121,8 @@ def token_log_probs(model: nn.Module, tokenizer, texts: Sequence[str], batch_siz
                 mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
                 logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
                 logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-                logp = logp.cpu().double().numpy()
-                for row, text_ids, values, enc in zip(rows, ids, logp, encoded):
+                scores = logp.cpu().double().numpy()
+                for row, text_ids, values, enc in zip(rows, ids, scores, encoded):
                     scored = values[: len(row) - 1]
                     starts = np.array([begin for begin, _ in enc["offset_mapping"]]) if offsets else None
                     out.append(ScoredText(np.asarray(text_ids), scored if bos is not None else

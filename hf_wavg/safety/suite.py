@@ -67,7 +67,7 @@ def unit_key(cf_set: CounterfactualSet) -> tuple:
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]  # PEFT
     name = type(base).__name__
     return name.endswith(("ForCausalLM", "LMHeadModel"))
 
@@ -135,9 +135,9 @@ class SafetySuite:
     # -- pieces --------------------------------------------------------------------------------
 
     def _sample(
-        self, texts: Sequence[str] | None, labels: Sequence[int | None] | None, groups: Sequence[str] | None,
+        self, texts: Sequence[str] | None, labels: Sequence[int | None] | None, groups: Sequence[str | None] | None,
         result: SafetyResult,
-    ) -> tuple[list[str], list[int] | None, list[str] | None]:
+    ) -> tuple[list[str], list[int] | None, list[str | None] | None]:
         if texts is None:
             result.note("no evaluation texts: only template counterfactuals are measured")
             return [], None, None
@@ -147,7 +147,7 @@ class SafetySuite:
             result.note(f"{len(empty)} empty or non-string texts skipped")
         rows = [i for i in rows if i not in set(empty)]
         if labels is not None:
-            missing = [i for i in rows if labels[i] is None or int(labels[i]) < 0]
+            missing = [i for i in rows if (label := labels[i]) is None or int(label) < 0]
             if missing:
                 result.note(f"{len(missing)} texts have no label; labels are ignored (metrics that need them are skipped)")
                 labels = None
@@ -157,7 +157,7 @@ class SafetySuite:
         result.metrics["examples"] = float(len(rows))
         return (
             [texts[i] for i in rows],
-            None if labels is None else [int(labels[i]) for i in rows],
+            None if labels is None else [int(labels[i]) for i in rows],  # type: ignore[arg-type]  # none is None here
             None if groups is None else [groups[i] for i in rows],
         )
 
@@ -240,7 +240,7 @@ class SafetySuite:
         positive = self.config.safety_positive_label
         result.add("counterfactual", self.metric("counterfactual_fairness").compute(
             **columns, positive_label=positive, **self.config.bootstrap))
-        outcomes = set_outcomes(**columns, positive_label=positive)
+        outcomes = set_outcomes(**columns, positive_label=positive)  # type: ignore[arg-type]  # the columns above
         if outcomes is not None:
             units = mean_table([unit_key(sets[i]) for i in outcomes.kept_ids],
                                {"flip_rate": outcomes.flip, "mean_abs_score_change": outcomes.change}, binary=["flip_rate"])
@@ -248,7 +248,7 @@ class SafetySuite:
 
     def _data_group_gaps(
         self, classifier: CachedClassifier, texts: list[str], labels: list[int] | None,
-        groups: list[str] | None, result: SafetyResult,
+        groups: list[str | None] | None, result: SafetyResult,
     ) -> None:
         if groups is None:
             return
@@ -299,7 +299,8 @@ class SafetySuite:
         outcomes = {"invariance_failure_rate": predictions != np.asarray(originals)}
         if references is not None:
             outcomes["accuracy"] = predictions == np.asarray(references)
-        result.units["perturbation"] = mean_table([(texts[i], noisy) for i, _, noisy in rows], outcomes, binary=outcomes)
+        result.units["perturbation"] = mean_table([(texts[i], noisy) for i, _, noisy in rows], outcomes,
+                                                  binary=list(outcomes))
 
     def _attack(self, classifier: CachedClassifier, texts: list[str], labels: list[int], result: SafetyResult) -> None:
         count = self.config.safety_attack_examples
