@@ -37,8 +37,8 @@ def recomputed_batchnorm(
         yield
         return
     # track_running_stats: every module here holds its statistics (typed Optional by torch).
-    saved = [(_stat(m.running_mean), _stat(m.running_var), _stat(m.num_batches_tracked), m.momentum)
-             for m in modules]
+    saved = [(_stat(m.running_mean).clone(), _stat(m.running_var).clone(), _stat(m.num_batches_tracked).clone(),
+              m.momentum) for m in modules]
     was_training = model.training
     try:
         for module in modules:
