@@ -64,22 +64,23 @@ def template_sets(lexicon: Lexicon, families: tuple[str, ...] | None = None) -> 
         for template_index, template in enumerate(lexicon.templates):
             if template.slot != family.slot:
                 continue
-            for block, (gender, terms) in enumerate(family.aligned_sets()):
+            for gender, index, terms in family.aligned_sets():
                 variants = {
                     group: template.render(term, group if family.name == "gender" else gender)
                     for group, term in terms.items()
                 }
                 sets.append(CounterfactualSet(
                     lexicon.language, family.name, variants, family.group_names[0], template.label,
-                    terms=dict(terms), block=f"{gender}:{_aligned_index(family, gender, terms)}",
+                    terms=dict(terms), block=block_key(gender, index),
                     template=f"template:{template_index}",
                 ))
     return sets
 
 
-def _aligned_index(family: GroupFamily, gender: str, terms: dict[str, str]) -> int:
-    group, term = next(iter(terms.items()))
-    return family.groups[group][gender].index(term)
+def block_key(gender: str, index: int) -> str:
+    """The block of the sets whose terms are the ``index``-th aligned terms of ``gender``: a
+    template's sets and a free text's with the same matched term share it."""
+    return f"{gender}:{index}"
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def text_counterfactuals(
         variants[reference] = text
         # The aligned positions of the matched terms: texts with one matched term share the
         # block of the templates' sets with the same aligned term.
-        positions = dict.fromkeys(f"{gender}:{index}" for _, _, (_, gender, index) in matches)
+        positions = dict.fromkeys(block_key(gender, index) for _, _, (_, gender, index) in matches)
         sets.append(CounterfactualSet(language, family.name, variants, reference, label, "text", text_index,
                                       terms=terms, block=" + ".join(positions), template=f"text:{text}"))
     return sets

@@ -37,18 +37,18 @@ class GroupFamily:
     def group_names(self) -> tuple[str, ...]:
         return tuple(self.groups)
 
-    def aligned_sets(self) -> list[tuple[str, dict[str, str]]]:
-        """Each aligned index as (gender of the sentence, {group: term}).
+    def aligned_sets(self) -> list[tuple[str, int, dict[str, str]]]:
+        """Each aligned index as (gender of the sentence, index within that gender, {group: term}).
 
         For the gender family the sentence's gender is the group itself; ``gender`` is then
         returned as ANY_GENDER and :meth:`Template.render` is told the group instead.
         """
-        sets: list[tuple[str, dict[str, str]]] = []
+        sets: list[tuple[str, int, dict[str, str]]] = []
         genders = next(iter(self.groups.values())).keys()
         for gender in genders:
             size = min(len(group[gender]) for group in self.groups.values())
             for index in range(size):
-                sets.append((gender, {name: group[gender][index] for name, group in self.groups.items()}))
+                sets.append((gender, index, {name: group[gender][index] for name, group in self.groups.items()}))
         return sets
 
 

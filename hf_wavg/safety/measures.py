@@ -19,6 +19,7 @@ from hf_wavg.safety.stats import (
     binomial_interval,
     group_test,
     holm_adjusted,
+    independent_units,
     permutation_p_value,
     rate_with_interval,
     weighted_mean,
@@ -267,7 +268,7 @@ def counterfactual_fairness(
     if flip.sum() in (0, len(flip)):
         # Every resample agrees, so the bootstrap gives a point; Clopper-Pearson over the
         # fewer of the two kinds of cluster, the independent units there surely are, does not.
-        units = min(len(np.unique(layout.set_block)), len(np.unique(layout.set_template)))
+        units = independent_units(layout.clusters)
         low, high = binomial_interval(int(flip[0]) * units, units, bootstrap.get("confidence_level", 0.95))
         out["flip_rate_ci_low"], out["flip_rate_ci_high"] = low, high
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hf_wavg.safety.stats import binomial_interval, wilson_interval, with_intervals
+from hf_wavg.safety.stats import binomial_interval, independent_units, wilson_interval, with_intervals
 
 
 @dataclass
@@ -79,7 +79,7 @@ def _no_discordant_bound(a: UnitTable, b: UnitTable, part: str, metrics: list[st
     on the rate of disagreement over the fewer of the two kinds of cluster, the independent
     units there surely are (as :func:`paired_rate_interval` does for independent units)."""
     assert a.clusters is not None
-    units = min(len(np.unique(codes)) for codes in a.clusters)
+    units = independent_units(a.clusters)
     out = {}
     for metric in metrics:
         if metric in a.binary and np.array_equal(a.ratios[metric][0], b.ratios[metric][0]):

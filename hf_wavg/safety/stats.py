@@ -46,7 +46,7 @@ def with_intervals(
     n_units: int,
     names: Sequence[str],
     *,
-    clusters: tuple[np.ndarray, np.ndarray] | None = None,
+    clusters: tuple[np.ndarray, ...] | None = None,
     confidence_level: float = 0.95,
     n_resamples: int = 1000,
     method: str = "BCa",
@@ -70,25 +70,15 @@ def with_intervals(
     if clusters is not None and _same_partition(*clusters):
         # One kind of cluster only (each set its own block and template, say): resampling it
         # twice would double its variance.
-        clusters = None if len(np.unique(clusters[0])) == n_units else (clusters[0], clusters[0])
-    if clusters is None:
-        sizes: tuple[int, ...] = (n_units,)
+        clusters = None if len(np.unique(clusters[0])) == n_units else clusters[:1]
+    codes = (np.arange(n_units),) if clusters is None else tuple(np.asarray(c, dtype=np.int64) for c in clusters)
+    sizes = tuple(int(c.max()) + 1 if len(c) else 0 for c in codes)
 
-        def weights_of(*indices: np.ndarray) -> np.ndarray:
-            return resample_weights(indices[0], n_units)
-    elif clusters[0] is clusters[1]:
-        sizes = (int(np.max(clusters[0])) + 1,)
-        one_way = np.asarray(clusters[0], dtype=np.int64)
-
-        def weights_of(*indices: np.ndarray) -> np.ndarray:
-            return resample_weights(indices[0], sizes[0])[:, one_way]
-    else:
-        codes = tuple(np.asarray(c, dtype=np.int64) for c in clusters)
-        sizes = tuple(int(c.max()) + 1 if len(c) else 0 for c in codes)
-
-        def weights_of(*indices: np.ndarray) -> np.ndarray:
-            first, second = (resample_weights(i, k) for i, k in zip(indices, sizes))
-            return first[:, codes[0]] * second[:, codes[1]]  # broadcasts a single row against a batch
+    def weights_of(*indices: np.ndarray) -> np.ndarray:
+        weights = resample_weights(indices[0], sizes[0])[:, codes[0]]
+        for index, size, code in zip(indices[1:], sizes[1:], codes[1:]):
+            weights = weights * resample_weights(index, size)[:, code]  # a single row broadcasts against a batch
+        return weights
 
     def on_indices(*indices: np.ndarray, axis: int = -1) -> np.ndarray:
         values = np.stack([np.asarray(v, dtype=np.float64) for v in statistic(weights_of(*indices))])
@@ -119,6 +109,12 @@ def with_intervals(
         out[f"{name}_ci_low"] = float(lo)
         out[f"{name}_ci_high"] = float(hi)
     return out
+
+
+def independent_units(clusters: tuple[np.ndarray, ...]) -> int:
+    """How many independent units clustered units surely hold: the count of the scarcer kind of
+    cluster (for an exact interval where every bootstrap resample agrees)."""
+    return min(len(np.unique(codes)) for codes in clusters)
 
 
 def _same_partition(first: np.ndarray, second: np.ndarray) -> bool:

@@ -115,7 +115,7 @@ def test_names_of_an_aligned_set_have_the_same_shape(language: str) -> None:
     for family in load_lexicon(language).families.values():
         if not family.name.startswith("names"):
             continue
-        for gender, terms in family.aligned_sets():
+        for gender, _, terms in family.aligned_sets():
             words = {group: len(WORD.findall(term)) for group, term in terms.items()}
             assert len(set(words.values())) == 1, (language, family.name, gender, terms)
             lengths = [len(graphemes(term)) for term in terms.values()]
@@ -128,7 +128,7 @@ def _template_variants(language: str):
     lexicon = load_lexicon(language)
     for family in lexicon.families.values():
         for template in (t for t in lexicon.templates if t.slot == family.slot):
-            for gender, terms in family.aligned_sets():
+            for gender, _, terms in family.aligned_sets():
                 variants = {
                     group: template.render(term, group if family.name == "gender" else gender)
                     for group, term in terms.items()
