@@ -105,13 +105,19 @@ def silence_library_progress_bars() -> None:
     datasets.disable_progress_bars()
 
 
-def labelled_texts(args: argparse.Namespace, label2id: dict[str, int], num_labels: int) -> tuple[list[str], list[int]]:
+def dataset_with(args: argparse.Namespace, *columns: str) -> Any:
+    """``--dataset`` (its ``--split``), refused unless it has ``columns``."""
     from hf_wavg.data import load_split
 
     dataset = load_split(args.dataset, args.split)
-    for column in (args.text_column, args.label_column):
+    for column in columns:
         if column not in dataset.column_names:
             raise ValueError(f"column {column!r} is not in {args.dataset}; its columns are {dataset.column_names}")
+    return dataset
+
+
+def labelled_texts(args: argparse.Namespace, label2id: dict[str, int], num_labels: int) -> tuple[list[str], list[int]]:
+    dataset = dataset_with(args, args.text_column, args.label_column)
     labels = [_class_id(label, label2id, num_labels) for label in dataset[args.label_column]]
     return list(dataset[args.text_column]), labels
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hf_wavg.cli.common import labelled_texts, load_model, silence_library_progress_bars
+from hf_wavg.cli.common import dataset_with, labelled_texts, load_model, silence_library_progress_bars
 from hf_wavg.records import COMPARE_FILE, COMPARE_MARKDOWN_FILE, COMPARE_PLOT_FILE
 
 
@@ -125,12 +125,8 @@ def _hub_classifier(source: str) -> tuple[Any, Any]:
 
 def _texts(args: argparse.Namespace, model: Any) -> tuple[list[str], list[int] | None]:
     """The dataset's texts, and for a classifier its labels as the model's class ids."""
-    from hf_wavg.data import load_split
     from hf_wavg.safety.suite import is_causal_lm
 
     if not is_causal_lm(model):
         return labelled_texts(args, dict(model.config.label2id), model.config.num_labels)
-    dataset = load_split(args.dataset, args.split)
-    if args.text_column not in dataset.column_names:
-        raise ValueError(f"column {args.text_column!r} is not in {args.dataset}; its columns are {dataset.column_names}")
-    return list(dataset[args.text_column]), None
+    return list(dataset_with(args, args.text_column)[args.text_column]), None

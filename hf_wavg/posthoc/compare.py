@@ -26,25 +26,16 @@ import numpy as np
 from hf_wavg.model_card import group_findings
 from hf_wavg.records import COMPARE_FILE, COMPARE_MARKDOWN_FILE, COMPARE_PLOT_FILE
 from hf_wavg.safety.catalog import HEADLINE_METRICS, greater_is_better
+from hf_wavg.safety.classifiers import TransformersClassifier, token_log_probs
 from hf_wavg.safety.config import SafetyConfig
 from hf_wavg.safety.paired import paired_deltas
 from hf_wavg.safety.stats import weighted_mean, with_intervals
+from hf_wavg.safety.suite import SafetySuite, is_causal_lm
+from hf_wavg.task_metrics import macro_f1
 
 # Task metrics of classifiers, each paired over the examples.
 TASK_METRICS: tuple[tuple[str, str], ...] = (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1"))
 CORRECTION = "Bonferroni"
-
-
-def _macro_f1(weights: np.ndarray, predicted: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Macro-F1 over ``classes`` under each weight row (the classes present in the labels)."""
-    scores = []
-    for cls in classes:
-        tp = weights @ ((predicted == cls) & (labels == cls)).astype(np.float64)
-        predicted_positive = weights @ (predicted == cls).astype(np.float64)
-        actual = weights @ (labels == cls).astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            scores.append(np.where(tp > 0, 2 * tp / (predicted_positive + actual), 0.0))
-    return np.mean(scores, axis=0)
 
 
 def task_metrics_and_deltas(
@@ -52,11 +43,10 @@ def task_metrics_and_deltas(
 ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Accuracy and macro-F1 of both sets of predictions, and their paired differences with a
     bootstrap over examples resampled jointly for both."""
-    classes = np.unique(labels)
     ones = np.ones((1, len(labels)))
 
     def values(predicted: np.ndarray, w: np.ndarray) -> list[np.ndarray]:
-        return [weighted_mean(w, (predicted == labels).astype(np.float64)), _macro_f1(w, predicted, labels, classes)]
+        return [weighted_mean(w, (predicted == labels).astype(np.float64)), macro_f1(predicted, labels, w)]
 
     def difference(w: np.ndarray) -> list[np.ndarray]:
         return [a - b for a, b in zip(values(candidate, w), values(baseline, w))]
@@ -186,8 +176,6 @@ def compare_models(
     Causal LMs (labels unused) get the mean log-likelihood per token of ``texts`` and the
     counterfactual likelihood preference of every (language, family) cell. ``names``: the
     baseline's and candidates' names in the report."""
-    from hf_wavg.safety.suite import SafetySuite
-
     if not candidates:
         raise ValueError("compare needs a baseline and at least one candidate")
     if not texts:
@@ -231,8 +219,6 @@ LOG_LIKELIHOOD = "mean_log_likelihood"
 def _measure_classifier(model: Any, tokenizer: Any, texts: list[str], labels: Sequence[int] | None,
                         suite: Any) -> tuple[np.ndarray, Any]:
     """The model's predicted classes on ``texts`` and its safety suite result."""
-    from hf_wavg.safety.classifiers import TransformersClassifier
-
     if labels is None or len(labels) != len(texts):
         raise ValueError("comparing classifiers needs one label per text")
     classifier = TransformersClassifier(model, tokenizer, suite.config.safety_batch_size, suite.config.safety_max_length)
@@ -243,8 +229,6 @@ def _measure_classifier(model: Any, tokenizer: Any, texts: list[str], labels: Se
 def _measure_language_model(model: Any, tokenizer: Any, texts: list[str], labels: Any,
                             suite: Any) -> tuple[np.ndarray, Any]:
     """Each text's mean log-likelihood per token, and the suite's likelihood result."""
-    from hf_wavg.safety.classifiers import token_log_probs
-
     scored = token_log_probs(model, tokenizer, texts, suite.config.safety_batch_size, suite.config.safety_max_length)
     per_token = np.array([np.nanmean(t.log_probs) if np.isfinite(t.log_probs).any() else np.nan for t in scored])
     return per_token, suite.evaluate_language_model(model, tokenizer)
@@ -274,7 +258,7 @@ def _distinct(names: list[str]) -> list[str]:
 def check_same_task(models: Sequence[Any], names: Sequence[str]) -> bool:
     """All causal LMs (True), or all sequence classifiers with the same labels in the same
     order (False); anything else cannot be paired."""
-    kinds = [_is_causal_lm(model) for model in models]
+    kinds = [is_causal_lm(model) for model in models]
     for name, kind in zip(names[1:], kinds[1:]):
         if kind != kinds[0]:
             raise ValueError(f"{name} is a {_KIND[kind]} and the baseline {names[0]} a {_KIND[kinds[0]]}: "
@@ -294,8 +278,3 @@ def check_same_task(models: Sequence[Any], names: Sequence[str]) -> bool:
 
 _KIND = {True: "causal language model", False: "sequence classifier"}
 
-
-def _is_causal_lm(model: Any) -> bool:
-    from hf_wavg.safety.suite import is_causal_lm
-
-    return is_causal_lm(model)
