@@ -55,6 +55,7 @@ from paired_stats import paired_effect, smallest_resolvable
 from quality_runs import (
     CLP_WEIGHTS,
     DATA,
+    DATA_FOLDERS,
     SHORT_HORIZON,
     TASKS,
     Measured,
@@ -67,12 +68,14 @@ from quality_runs import (
 )
 from transformers.utils import logging as hf_logging
 
+from hf_wavg.config import DEFAULT_EMA_HORIZON
 from hf_wavg.safety.logit_pairing import counterfactual_texts
 from hf_wavg.safety.paired import UnitTable
 
 METHODS = (
     ("last", "last weights (plain Trainer)"),
     ("best", "best checkpoint on dev"),
+    ("ema", f"EMA, default horizon {DEFAULT_EMA_HORIZON:.0%}"),
     ("ema_short", f"EMA, horizon {SHORT_HORIZON:.0%}"),
     ("ema_long", "EMA, horizon last third"),
     ("lawa_short", f"LAWA, horizon {SHORT_HORIZON:.0%}"),
@@ -256,7 +259,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
     limits: dict[str, int | None] = {"train": 64, "dev": 16, "test": 24} if args.smoke else {}
-    if not (args.data / {"cad": "cad-sentiment", "hindi": "hindi-product-reviews"}[args.task]).is_dir():
+    if not (args.data / DATA_FOLDERS[args.task]).is_dir():
         raise SystemExit(f"the {args.task} data is not under {args.data}; pass --data")
     task = TASKS[args.task](args.data, limits, args.smoke)
     seeds = [int(s) for s in args.seeds.split(",")]

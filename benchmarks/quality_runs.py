@@ -50,8 +50,12 @@ SHORT_HORIZON, LONG_HORIZON = 0.05, 1 / 3
 CLP_WEIGHTS = (0.5, 2.0)
 # The suite's metrics a seed file keeps: the reported columns' and what the notes count.
 KEPT_METRICS = ("perturbation/accuracy", "perturbation/invariance_failure_rate", "adversarial/attack_success_rate",
-                "counterfactual/flip_rate", "counterfactual/mean_abs_score_change", "counterfactual/group_gap",
-                "calibration/brier", "calibration/ece", "contrast_consistency", "model_queries", "seconds")
+                "counterfactual/flip_rate", "counterfactual/mean_abs_score_change",
+                "counterfactual/group_test_p_value", "counterfactual/num_cells_holm", "counterfactual/group_gap_holm",
+                "counterfactual/num_cells_testable", "calibration/brier", "calibration/ece", "contrast_consistency",
+                "model_queries", "seconds")
+# ... and of every counterfactual cell (language/family): its group test, for later tables.
+KEPT_CELL_METRICS = ("/group_gap_debiased", "/group_test_p_value", "/group_test_p_holm", "/num_terms")
 
 
 @dataclass
@@ -72,6 +76,10 @@ class Task:
     max_length: int
     refine_every_epochs: int
     notes: list[str] = field(default_factory=list)
+    methods: frozenset[str] | None = None  # the methods this task measures; None: every one
+
+    def wants(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
 
 
 def read_rows(path: Path, delimiter: str, header: bool) -> list[list[str]]:
@@ -129,26 +137,27 @@ def cad_task(data: Path, limits: dict[str, int | None], smoke: bool) -> Task:
     )
 
 
+def hindi_reviews(root: Path, name: str) -> list[tuple[str, int]]:
+    """The negative and positive reviews of one split (the neutral ones are left out)."""
+    names = ["negative", "positive"]
+    return [(text, names.index(label)) for label, text in read_rows(root / f"hi-{name}.csv", ",", header=False)
+            if label in names]
+
+
 def hindi_task(data: Path, limits: dict[str, int | None], smoke: bool) -> Task:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     root = data / "hindi-product-reviews"
-    names = ["negative", "positive"]
-
-    def rows(name: str) -> list[tuple[str, int]]:
-        return [(text, names.index(label)) for label, text in read_rows(root / f"hi-{name}.csv", ",", header=False)
-                if label in names]
-
     unigram = Tokenizer(models.Unigram())
     unigram.pre_tokenizer = pre_tokenizers.Metaspace()
-    unigram.train_from_iterator([t for t, _ in rows("train")], trainers.UnigramTrainer(
+    unigram.train_from_iterator([t for t, _ in hindi_reviews(root, "train")], trainers.UnigramTrainer(
         vocab_size=500 if smoke else 6000, special_tokens=["<pad>", "<unk>", "[CLS]", "[SEP]"], unk_token="<unk>"))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=unigram, pad_token="<pad>", unk_token="<unk>",
                                         cls_token="[CLS]", sep_token="[SEP]")
     max_length = 48  # with 3 epochs: five seeds of all 17 methods within the hour
 
     def split(name: str) -> Dataset:
-        return labelled(rows(name), tokenizer, max_length, limits.get({"valid": "dev"}.get(name, name)))
+        return labelled(hindi_reviews(root, name), tokenizer, max_length, limits.get({"valid": "dev"}.get(name, name)))
 
     def build(seed: int) -> nn.Module:
         torch.manual_seed(seed)
@@ -164,7 +173,40 @@ def hindi_task(data: Path, limits: dict[str, int | None], smoke: bool) -> Task:
     )
 
 
-TASKS: dict[str, Callable[[Path, dict[str, int | None], bool], Task]] = {"cad": cad_task, "hindi": hindi_task}
+E5_FOLDER = Path(__file__).resolve().parent / ".cache" / "e5-small"
+# The focused method set of the pretrained-encoder runs: each measured method costs a suite run.
+FOCUSED_METHODS = frozenset({"last", "ema", "ema_long", "swa", "uniform_soup", "greedy_soup", "plm", "refine",
+                             "clp_0.5_swa"})
+
+
+def hindi_e5_task(data: Path, limits: dict[str, int | None], smoke: bool) -> Task:
+    from models import E5_NOTE, build_e5_small
+
+    if not (E5_FOLDER / "conversion.json").is_file():
+        print(f"building e5-small into {E5_FOLDER} (python benchmarks/models.py e5-small)", flush=True)
+        build_e5_small(E5_FOLDER, data)
+    root = data / "hindi-product-reviews"
+    tokenizer = AutoTokenizer.from_pretrained(E5_FOLDER)
+    max_length = 48  # the reviews' 90th percentile is 45 pieces
+
+    def split(name: str) -> Dataset:
+        return labelled(hindi_reviews(root, name), tokenizer, max_length, limits.get({"valid": "dev"}.get(name, name)))
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)  # the pooler and the classification head
+        return AutoModelForSequenceClassification.from_pretrained(E5_FOLDER, num_labels=2)
+
+    return Task(
+        "hindi-e5", "multilingual-e5-small (pretrained, 4-bit weights read into float32) on Hindi product reviews",
+        split("train"), split("valid"), {"test": split("test")}, None, tokenizer, build, str(E5_FOLDER), "hi",
+        epochs=2.0, learning_rate=5e-5, batch_size=32, max_length=max_length, refine_every_epochs=1,
+        notes=[E5_NOTE], methods=FOCUSED_METHODS,
+    )
+
+
+TASKS: dict[str, Callable[[Path, dict[str, int | None], bool], Task]] = {
+    "cad": cad_task, "hindi": hindi_task, "hindi-e5": hindi_e5_task}
+DATA_FOLDERS = {"cad": "cad-sentiment", "hindi": "hindi-product-reviews", "hindi-e5": "hindi-product-reviews"}
 
 
 class CheckpointSaver(TrainerCallback):
@@ -260,7 +302,10 @@ def save_seed(path: Path, results: dict[str, Measured], facts: dict[str, Any], d
     for method, measured in results.items():
         for key, table in measured.units.items():
             ids = hashlib.sha256(repr(table.ids).encode()).hexdigest()[:16]
-            tables[f"{method}|{key}"] = {"ids": ids, "units": len(table.ids), "metrics": sorted(table.ratios)}
+            tables[f"{method}|{key}"] = {"ids": ids, "units": len(table.ids), "metrics": sorted(table.ratios),
+                                         "clustered": table.clusters is not None}
+            for kind, codes in enumerate(table.clusters or ()):
+                arrays[f"{method}|{key}|clusters{kind}"] = codes.astype(np.int32)
             for metric, (numerators, denominators) in table.ratios.items():
                 arrays[f"{method}|{key}|{metric}|num"] = numerators.astype(np.float32)
                 arrays[f"{method}|{key}|{metric}|den"] = denominators.astype(np.float32)
@@ -272,7 +317,8 @@ def save_seed(path: Path, results: dict[str, Measured], facts: dict[str, Any], d
 
 
 def kept(metric: str) -> bool:
-    return metric in KEPT_METRICS or metric.endswith(("/accuracy", "/applicable", "num_sets"))
+    return (metric in KEPT_METRICS or metric.endswith(("/accuracy", "/applicable", "num_sets"))
+            or (metric.startswith("counterfactual/") and metric.endswith(KEPT_CELL_METRICS)))
 
 
 def load_seed(path: Path) -> tuple[dict[str, Measured], dict[str, Any], str]:
@@ -283,7 +329,10 @@ def load_seed(path: Path) -> tuple[dict[str, Measured], dict[str, Any], str]:
         method, key = name.split("|")
         ratios = {metric: (arrays[f"{name}|{metric}|num"].astype(float), arrays[f"{name}|{metric}|den"].astype(float))
                   for metric in table["metrics"]}
-        results[method].units[key] = UnitTable([f"{table['ids']}:{i}" for i in range(table["units"])], ratios)
+        clusters = (arrays[f"{name}|clusters0"].astype(np.int64), arrays[f"{name}|clusters1"].astype(np.int64)) \
+            if table.get("clustered") else None
+        results[method].units[key] = UnitTable([f"{table['ids']}:{i}" for i in range(table["units"])], ratios,
+                                               clusters=clusters)
     return results, record["facts"], record["code"]
 
 
@@ -309,6 +358,8 @@ class SeedRuns:
         self.facts: dict[str, Any] = {"seed": seed}
 
     def record(self, name: str, model: nn.Module, seconds: float) -> None:
+        if not self.task.wants(name):
+            return
         self.results[name] = self.measure(model)
         self.results[name].seconds = seconds
         print(f"  seed {self.seed} {name}: orig acc {self.results[name].metrics[next(iter(self.task.tests)) + '/accuracy']:.3f}"
@@ -328,22 +379,27 @@ class SeedRuns:
     def run_all(self) -> None:
         start = time.perf_counter()
         self.base()
-        self.plm()
-        self.refine()
+        if self.task.wants("plm"):
+            self.plm()
+        if self.task.wants("refine"):
+            self.refine()
         for weight in CLP_WEIGHTS:
-            self.logit_pairing(weight)
+            if self.task.wants(f"clp_{weight:g}") or self.task.wants(f"clp_{weight:g}_swa"):
+                self.logit_pairing(weight)
         self.facts["seed_seconds"] = time.perf_counter() - start
 
     def base(self) -> None:
         task = self.task
         model = task.build_model(self.seed)
         averagers = {
+            "ema": TimedAveraging(WAvgConfig(method="ema")),  # the package's default horizon
             "ema_short": TimedAveraging(WAvgConfig(method="ema", horizon=SHORT_HORIZON)),
             "ema_long": TimedAveraging(WAvgConfig(method="ema", horizon=LONG_HORIZON)),
             "lawa_short": TimedAveraging(WAvgConfig(method="lawa", horizon=SHORT_HORIZON)),
             "lawa_long": TimedAveraging(WAvgConfig(method="lawa", horizon=LONG_HORIZON)),
             "swa": TimedAveraging(WAvgConfig(method="swa", start_fraction=0.5)),
         }
+        averagers = {name: callback for name, callback in averagers.items() if task.wants(name)}
         saver = CheckpointSaver(self.work / f"seed{self.seed}", every=max(1, self.steps_per_epoch // 4))
         trainer, seconds = self.fit(model, [*averagers.values(), saver])
         self.facts.update(steps=trainer.state.global_step, checkpoints=len(saver.saved), base_seconds=seconds,
@@ -369,19 +425,21 @@ class SeedRuns:
         load_average_into(model, saver.saved)
         soup_seconds = seconds + saver.seconds + time.perf_counter() - start
         self.record("uniform_soup", model, soup_seconds)
-        start = time.perf_counter()
-        soup = greedy_soup(saver.saved, model, dev, metric="accuracy", progress=False)
-        self.facts["greedy_soup"] = [Path(p).name for p in soup.ingredients]
-        self.record("greedy_soup", model, seconds + saver.seconds + time.perf_counter() - start)
+        if task.wants("greedy_soup"):
+            start = time.perf_counter()
+            soup = greedy_soup(saver.saved, model, dev, metric="accuracy", progress=False)
+            self.facts["greedy_soup"] = [Path(p).name for p in soup.ingredients]
+            self.record("greedy_soup", model, seconds + saver.seconds + time.perf_counter() - start)
 
-        # Post-hoc refinement: the uniform soup, one more epoch at a quarter of the rate.
-        load_average_into(model, saver.saved)
-        _, refine_seconds = self.fit(model, [], args={"num_train_epochs": 1.0, "learning_rate": task.learning_rate / 4,
-                                                      "warmup_steps": 0})
-        self.record("refine_posthoc", model, soup_seconds + refine_seconds)
+        if task.wants("refine_posthoc"):
+            # Post-hoc refinement: the uniform soup, one more epoch at a quarter of the rate.
+            load_average_into(model, saver.saved)
+            _, refine_seconds = self.fit(model, [], args={"num_train_epochs": 1.0,
+                                                          "learning_rate": task.learning_rate / 4, "warmup_steps": 0})
+            self.record("refine_posthoc", model, soup_seconds + refine_seconds)
 
         model.load_state_dict(final)
-        if task.pretrained is not None:
+        if task.pretrained is not None and task.wants("wise_ft"):
             start = time.perf_counter()
             sweep = WiseFT(model, task.pretrained).sweep(
                 dev, alphas=[0.5, 1.0] if self.smoke else [0.2, 0.4, 0.6, 0.8, 1.0], select="accuracy", progress=False)
