@@ -1,13 +1,29 @@
 """The quality benchmark's paired interval (benchmarks/paired_stats.py), checked by
 simulation: a planted difference is covered about 95% of the time and a null one is flagged
-about 5% of the time, whether test-set luck or seed noise dominates."""
+about 5% of the time, whether test-set luck or seed noise dominates; its p-value is the level
+at which the interval touches 0; and Benjamini-Hochberg over a whole table of the
+benchmark's shape keeps the false discovery rate of its bold cells at 5% or below."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from benchmarks.paired_stats import mean_difference, paired_effect, smallest_resolvable
+from benchmarks.paired_stats import mean_difference, paired_effect, q_values, smallest_resolvable
+
+
+def seed_differences(rng: np.random.Generator, p: np.ndarray, effect: float, seed_noise: float, n_seeds: int,
+                     agreement: float = 0.0) -> list:
+    """Five seeds of paired 0/1 outcomes: the reference is right with chance p, the method with
+    p + effect + this seed's own shift; the two share their uniform draw (as real methods share
+    most predictions with the last weights) except on a share 1 - ``agreement``... of units."""
+    per_seed = []
+    for _ in range(n_seeds):
+        shift = rng.normal(0, seed_noise)
+        shared = rng.random(len(p))
+        own = np.where(rng.random(len(p)) < agreement, shared, rng.random(len(p))) if agreement else shared
+        per_seed.append(mean_difference(own < p + effect + shift, shared < p))
+    return per_seed
 
 
 def simulate(effect: float, seed_noise: float, simulations: int, n_units: int = 300, n_seeds: int = 5):
@@ -18,12 +34,7 @@ def simulate(effect: float, seed_noise: float, simulations: int, n_units: int = 
     covered = flagged = 0
     for k in range(simulations):
         p = 0.1 + 0.8 * rng.beta(4, 1.5, n_units)
-        per_seed = []
-        for _ in range(n_seeds):
-            shift = rng.normal(0, seed_noise)
-            shared = rng.random(n_units)  # couples the two methods' outcomes, as on real data
-            per_seed.append(mean_difference(shared < p + effect + shift, shared < p))
-        interval = paired_effect(per_seed, n_units, replicates=400, seed=k)
+        interval = paired_effect(seed_differences(rng, p, effect, seed_noise, n_seeds), n_units, replicates=400, seed=k)
         covered += interval["ci_low"] <= effect <= interval["ci_high"]
         flagged += not interval["ci_low"] <= 0.0 <= interval["ci_high"]
     return covered / simulations, flagged / simulations
@@ -52,3 +63,78 @@ def test_point_is_the_mean_of_the_seeds_differences():
 def test_smallest_resolvable_difference_is_the_80_percent_power_distance():
     # An interval of half-width 1.96 sigma detects a true difference of 2.80 sigma 80% of the time.
     assert smallest_resolvable([1.96, 1.96, float("nan")]) == pytest.approx(1.96 + 0.8416, abs=1e-3)
+
+
+@pytest.mark.parametrize("seed_noise", [0.0, 0.02])
+def test_p_value_is_the_level_at_which_the_interval_touches_zero(seed_noise):
+    rng = np.random.default_rng(7)
+    p = 0.1 + 0.8 * rng.beta(4, 1.5, 200)
+    per_seed = seed_differences(rng, p, 0.02, seed_noise, 5)
+    result = paired_effect(per_seed, 200, replicates=300)
+    assert 0 < result["p_value"] < 1
+    touching = paired_effect(per_seed, 200, replicates=300, confidence_level=1 - result["p_value"])
+    assert min(abs(touching["ci_low"]), abs(touching["ci_high"])) == pytest.approx(0, abs=1e-9)
+    # ... and the 95% interval excludes 0 exactly when p < 0.05.
+    assert (result["ci_low"] > 0 or result["ci_high"] < 0) == (result["p_value"] < 0.05)
+
+
+def test_q_values_are_benjamini_hochberg_step_up():
+    p = {"a": 0.001, "b": 0.008, "c": 0.039, "d": 0.041, "e": 0.6, "f": float("nan")}
+    finite = sorted(v for v in p.values() if np.isfinite(v))
+    m = len(finite)
+    # Textbook: q_(i) = min over j >= i of p_(j) * m / j.
+    expected = [min(finite[j] * m / (j + 1) for j in range(i, m)) for i in range(m)]
+    q = q_values(p)
+    assert [q[k] for k in sorted((k for k in p if np.isfinite(p[k])), key=p.get)] == pytest.approx(expected)
+    assert np.isnan(q["f"])
+
+
+def simulate_table(rng: np.random.Generator, planted: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One table of the e5 benchmark's shape (8 methods x 8 interval columns, 5 seeds, 300
+    units) with noise like real models': each column its own base rates, seed noise (0.005 or
+    0.02) and agreement with the last weights; a cell's effect is ``planted`` (0: null).
+    Returns each cell's p-value and whether its effect is real."""
+    n_methods, n_columns = planted.shape
+    p_values = np.empty(planted.shape)
+    for column in range(n_columns):
+        p = 0.1 + 0.8 * rng.beta(4, 1.5, 300)
+        seed_noise = (0.005, 0.02)[column % 2]
+        agreement = (0.0, 0.8)[column // 4]
+        for method in range(n_methods):
+            per_seed = seed_differences(rng, p, planted[method, column], seed_noise, 5, agreement)
+            p_values[method, column] = paired_effect(per_seed, 300, replicates=200, seed=k)["p_value"]
+    return p_values, planted != 0
+
+
+def bold_cells(p_values: np.ndarray) -> np.ndarray:
+    q = q_values({index: float(value) for index, value in np.ndenumerate(p_values)})
+    return np.array([[q[(i, j)] < 0.05 for j in range(p_values.shape[1])] for i in range(p_values.shape[0])])
+
+
+@pytest.mark.slow
+def test_all_null_tables_have_a_bold_cell_at_most_five_percent_of_the_time():
+    # With every cell null, every bold cell is false: the false discovery rate is the share of
+    # tables with any bold cell. Nominal 5% intervals would flag about 3 cells per table.
+    rng = np.random.default_rng(2026)
+    tables, any_bold, nominal = 150, 0, 0
+    for k in range(tables):
+        p_values, _ = simulate_table(rng, np.zeros((8, 8)), k)
+        any_bold += bold_cells(p_values).any()
+        nominal += (p_values < 0.05).sum()
+    assert any_bold / tables <= 0.07  # 5% plus under two binomial standard errors (1.8%)
+    assert 0.03 <= nominal / (tables * 64) <= 0.07  # ... while each cell alone is flagged ~5% of the time
+
+
+@pytest.mark.slow
+def test_tables_with_real_effects_keep_the_false_discovery_proportion_at_five_percent():
+    rng = np.random.default_rng(31)
+    planted = np.zeros((8, 8))
+    planted[:2, :] = 0.05  # two methods change every column; the rest change nothing
+    proportions, found = [], []
+    for k in range(80):
+        p_values, real = simulate_table(rng, planted, k)
+        bold = bold_cells(p_values)
+        proportions.append((bold & ~real).sum() / max(bold.sum(), 1))
+        found.append((bold & real).sum() / real.sum())
+    assert np.mean(proportions) <= 0.06
+    assert np.mean(found) >= 0.5  # and the planted cells are mostly found

@@ -67,21 +67,11 @@ def with_intervals(
     than two units, or a statistic undefined on some resamples) is NaN rather than a
     made-up width.
     """
-    if clusters is not None and _same_partition(*clusters):
-        # One kind of cluster only (each set its own block and template, say): resampling it
-        # twice would double its variance.
-        clusters = None if len(np.unique(clusters[0])) == n_units else clusters[:1]
-    codes = (np.arange(n_units),) if clusters is None else tuple(np.asarray(c, dtype=np.int64) for c in clusters)
+    codes = cluster_codes(clusters, n_units)
     sizes = tuple(int(c.max()) + 1 if len(c) else 0 for c in codes)
 
-    def weights_of(*indices: np.ndarray) -> np.ndarray:
-        weights = resample_weights(indices[0], sizes[0])[:, codes[0]]
-        for index, size, code in zip(indices[1:], sizes[1:], codes[1:]):
-            weights = weights * resample_weights(index, size)[:, code]  # a single row broadcasts against a batch
-        return weights
-
     def on_indices(*indices: np.ndarray, axis: int = -1) -> np.ndarray:
-        values = np.stack([np.asarray(v, dtype=np.float64) for v in statistic(weights_of(*indices))])
+        values = np.stack([np.asarray(v, dtype=np.float64) for v in statistic(product_weights(indices, codes))])
         return values[:, 0] if all(i.ndim == 1 for i in indices) else values
 
     point = on_indices(*(np.arange(k) for k in sizes))
@@ -109,6 +99,25 @@ def with_intervals(
         out[f"{name}_ci_low"] = float(lo)
         out[f"{name}_ci_high"] = float(hi)
     return out
+
+
+def cluster_codes(clusters: tuple[np.ndarray, ...] | None, n_units: int) -> tuple[np.ndarray, ...]:
+    """The kinds of cluster a bootstrap resamples, as (units,) codes 0..k-1: each unit its own
+    without ``clusters``, and one kind where both group the units alike (each set its own block
+    and template, say), since resampling it twice would double its variance."""
+    if clusters is not None and _same_partition(*clusters):
+        clusters = None if len(np.unique(clusters[0])) == n_units else clusters[:1]
+    return (np.arange(n_units),) if clusters is None else tuple(np.asarray(c, dtype=np.int64) for c in clusters)
+
+
+def product_weights(indices: Sequence[np.ndarray], codes: Sequence[np.ndarray]) -> np.ndarray:
+    """(resamples, units) weights from one resample (or a batch) of each kind of cluster: a
+    unit's weight is the product of its clusters' multiplicities."""
+    weights = np.ones((1, len(codes[0])))
+    for index, code in zip(indices, codes):
+        size = int(code.max()) + 1 if len(code) else 0
+        weights = weights * resample_weights(index, size)[:, code]  # a single row broadcasts against a batch
+    return weights
 
 
 def independent_units(clusters: tuple[np.ndarray, ...]) -> int:
