@@ -91,9 +91,17 @@ def test_quality_smoke(tmp_path, shared_data, minilm_path, task):
     assert ("| WiSE-FT, best alpha on dev |" in out) == (task == "cad")  # no pretrained ALBERT offline
     assert ("contrast consistency" in out) == (task == "cad")  # only cad-sentiment has revised pairs
     assert "*smallest resolvable difference (80% power)*" in out
+    assert "cells with a group effect (Holm) ↓" in out and "worst-cell group gap" not in out
     summary = json.loads((tmp_path / f"quality-{task}-smoke.json").read_text())["summary"]
     assert "last" not in summary["differences"] and len(summary["differences"]) == len(summary["methods"]) - 1
     assert (tmp_path / f"quality-{task}-smoke.png").is_file()
+    # Bold exactly where the table's Benjamini-Hochberg q-value is below 5%.
+    q = [d["q_value"] for row in summary["differences"].values() for d in row.values() if "q_value" in d]
+    assert summary["counts"]["resolved"] == sum(v < 0.05 for v in q)
+    # --redraw trains nothing and draws the same tables from the saved seed.
+    redrawn = run("quality.py", "--task", task, "--smoke", "--seeds", "0", "--data", str(shared_data), "--redraw",
+                  "--output-dir", str(tmp_path))
+    assert "read from" in redrawn and redrawn.split("Absolute values")[1] == out.split("Absolute values")[1]
 
 
 def test_compare_speed_smoke(tmp_path, shared_data, minilm_path):
