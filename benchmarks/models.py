@@ -24,6 +24,7 @@ own engine (which also quantises activations to 8 bits).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import struct
 import unicodedata
@@ -35,6 +36,11 @@ import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+from hf_wavg.safety.config import SafetyConfig
+from hf_wavg.safety.counterfactuals import template_sets
+from hf_wavg.safety.lexicons import available_languages, load_lexicon
+from hf_wavg.safety.perturbations import PERTURBATIONS, perturb
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 E5_MAGIC = b"E5S1"
@@ -212,13 +218,6 @@ def benchmark_texts(data: Path = DATA) -> Iterator[str]:
     """What the benchmark tasks feed the model: the Hindi reviews and cad-sentiment (where the
     shared data is present), every lexicon template set in every language, and the suite's
     perturbations of every review (its default seed and rate)."""
-    import csv
-
-    from hf_wavg.safety.config import SafetyConfig
-    from hf_wavg.safety.counterfactuals import template_sets
-    from hf_wavg.safety.lexicons import available_languages, load_lexicon
-    from hf_wavg.safety.perturbations import PERTURBATIONS, perturb
-
     for language in available_languages():
         for counterfactual in template_sets(load_lexicon(language)):
             yield from counterfactual.variants.values()
@@ -264,7 +263,7 @@ def check_trimmed(e5: E5File, keep: list[int], texts: list[str], batch_size: int
         trimmed = trimmed_tokenizer(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
         mapped = torch.tensor(keep)[trimmed["input_ids"]]
         if not torch.equal(mapped, full["input_ids"]):
-            raise AssertionError(f"the trimmed tokenizer splits texts {start}-{start + len(chunk)} differently")
+            raise RuntimeError(f"the trimmed tokenizer splits texts {start}-{start + len(chunk)} differently")
         with torch.no_grad():
             a = full_model(**full).last_hidden_state
             b = trimmed_model(**trimmed).last_hidden_state
