@@ -56,10 +56,12 @@ def paired_effect(
     (the same resample for every seed) gives V_units = Var(a) + Var(e)/S for the seed mean,
     and within each seed Var(a) + Var(e), so Var(e) and Var(a) are known; the spread s^2 of
     d_s over seeds estimates Var(u) + Var(e) on S - 1 degrees of freedom. The interval is
-    mean ± sqrt(z^2 Var(a) + t^2 s^2 / S): a t test over seeds plus the shared test set's luck.
-    The seeds' part keeps its t whole, so a spread that is small by chance does not make the
-    p-value tiny (subtracting Var(e) from s^2 and taking the rest with z, as this did before,
-    gave p < 0.001 seven times too often when seed noise dominated). Units are resampled by ``clusters`` (two-way) where given."""
+    mean ± sqrt(z^2 Var(a) + max(t^2 s^2, z^2 Var(e)) / S): a t test over seeds plus the shared
+    test set's luck, never narrower than the example noise alone allows. The seeds' part keeps
+    its t whole, so a spread that is small by chance does not make the p-value tiny
+    (subtracting Var(e) from s^2 and taking the rest with z, as this did before, gave p < 0.001
+    seven times too often when seed noise dominated); and seeds that differ alike by chance (a
+    spread of 0 on discrete outcomes) still get the example noise's width. Units are resampled by ``clusters`` (two-way) where given."""
     ones = np.ones((1, n_units))
     per_seed_points = np.array([difference(ones)[0] for difference in per_seed], dtype=float)
     point = float(per_seed_points.mean())
@@ -74,14 +76,14 @@ def paired_effect(
     if n_seeds > 1:
         example_noise = max(within - units_variance, 0.0) * n_seeds / (n_seeds - 1)
         test_set = max(units_variance - example_noise / n_seeds, 0.0)
-        seeds = float(np.var(per_seed_points, ddof=1)) / n_seeds
+        spread = float(np.var(per_seed_points, ddof=1))
     else:  # one seed: its example noise is all the bootstrap can tell
-        test_set, seeds = units_variance, 0.0
+        test_set, spread, example_noise = units_variance, 0.0, 0.0
     degrees = max(n_seeds - 1, 1)
 
     def half_width(alpha: float) -> float:
         z, t = stats.norm.ppf(1 - alpha / 2), stats.t.ppf(1 - alpha / 2, degrees)
-        return float(np.sqrt(z**2 * test_set + t**2 * seeds))
+        return float(np.sqrt(z**2 * test_set + max(t**2 * spread, z**2 * example_noise) / n_seeds))
 
     half = half_width(1 - confidence_level)
     return {"mean": point, "ci_low": point - half, "ci_high": point + half,

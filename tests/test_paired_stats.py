@@ -138,3 +138,18 @@ def test_tables_with_real_effects_keep_the_false_discovery_proportion_at_five_pe
         found.append((bold & real).sum() / real.sum())
     assert np.mean(proportions) <= 0.06
     assert np.mean(found) >= 0.5  # and the planted cells are mostly found
+
+
+def test_seeds_that_differ_alike_by_chance_keep_the_example_noise():
+    # Seed k flips unit k alone, in the method's favour: every seed differs by exactly 1 in 100,
+    # so the spread over seeds is 0, yet 5 discordant units of 500 are weak evidence (a sign
+    # test gives p = 0.0625). A bare t test over seeds gives an interval of width 0 and p ~ 0.
+    reference = np.zeros(100)
+    per_seed = []
+    for k in range(5):
+        method = np.zeros(100)
+        method[k] = 1
+        per_seed.append(mean_difference(method, reference))
+    result = paired_effect(per_seed, 100, replicates=1000)
+    assert result["mean"] == pytest.approx(0.01)
+    assert result["p_value"] > 0.01 and result["ci_high"] - result["ci_low"] > 0.01
