@@ -61,7 +61,8 @@ def paired_effect(
     its t whole, so a spread that is small by chance does not make the p-value tiny
     (subtracting Var(e) from s^2 and taking the rest with z, as this did before, gave p < 0.001
     seven times too often when seed noise dominated); and seeds that differ alike by chance (a
-    spread of 0 on discrete outcomes) still get the example noise's width. Units are resampled by ``clusters`` (two-way) where given."""
+    spread of 0 on discrete outcomes) still get the example noise's width. Units are resampled
+    by ``clusters`` (two-way) where given."""
     ones = np.ones((1, n_units))
     per_seed_points = np.array([difference(ones)[0] for difference in per_seed], dtype=float)
     point = float(per_seed_points.mean())

@@ -173,10 +173,9 @@ def all_columns(task: Task, per_seed: list[dict[str, Measured]]) -> list[tuple[s
                       if c in last.metrics or (kind == "units" and part_of(c)[0] in last.units)]
 
 
-def summarize(per_seed: list[dict[str, Measured]], task: Task) -> dict[str, Any]:
+def summarize(per_seed: list[dict[str, Measured]], columns: list[tuple[str, str, str]]) -> dict[str, Any]:
     """Absolute values (mean and std over seeds), paired differences from the last weights with
-    p-values, and their Benjamini-Hochberg q-values over the whole table."""
-    columns = all_columns(task, per_seed)
+    p-values, and their Benjamini-Hochberg q-values over the whole table, for ``columns``."""
     methods = [m for m, _ in METHODS if all(m in seed for seed in per_seed)]
     absolute = {m: {c: spread([value(s[m], c, kind) for s in per_seed]) for c, _, kind in columns} for m in methods}
     for m in methods:
@@ -391,8 +390,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     if len(made) > 1:
         raise SystemExit(f"the seeds were made by different code ({', '.join(sorted(made))}): pass --rerun")
-    summary = summarize(per_seed, task)
     columns = all_columns(task, per_seed)
+    summary = summarize(per_seed, columns)
     total = sum(f["seed_seconds"] for f in facts)
     each_seed = ", ".join(f"{f['seed_seconds'] / 60:.1f}" for f in facts)
     first = per_seed[0]["last"].metrics
