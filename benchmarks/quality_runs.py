@@ -144,6 +144,15 @@ def hindi_reviews(root: Path, name: str) -> list[tuple[str, int]]:
             if label in names]
 
 
+def hindi_splits(root: Path, tokenizer: Any, max_length: int,
+                 limits: dict[str, int | None]) -> tuple[Dataset, Dataset, dict[str, Dataset]]:
+    """The training, validation and test reviews, cut to ``max_length`` pieces of ``tokenizer``."""
+    def split(name: str) -> Dataset:
+        return labelled(hindi_reviews(root, name), tokenizer, max_length, limits.get({"valid": "dev"}.get(name, name)))
+
+    return split("train"), split("valid"), {"test": split("test")}
+
+
 def hindi_task(data: Path, limits: dict[str, int | None], smoke: bool) -> Task:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -156,9 +165,6 @@ def hindi_task(data: Path, limits: dict[str, int | None], smoke: bool) -> Task:
                                         cls_token="[CLS]", sep_token="[SEP]")
     max_length = 48  # with 3 epochs: five seeds of all 17 methods within the hour
 
-    def split(name: str) -> Dataset:
-        return labelled(hindi_reviews(root, name), tokenizer, max_length, limits.get({"valid": "dev"}.get(name, name)))
-
     def build(seed: int) -> nn.Module:
         torch.manual_seed(seed)
         config = AlbertConfig(vocab_size=len(tokenizer), embedding_size=128, hidden_size=256, num_hidden_layers=4,
@@ -167,8 +173,8 @@ def hindi_task(data: Path, limits: dict[str, int | None], smoke: bool) -> Task:
         return AlbertForSequenceClassification(config)
 
     return Task(
-        "hindi", "ALBERT from a config (random init) on Hindi product reviews", split("train"), split("valid"),
-        {"test": split("test")}, None, tokenizer, build, None, "hi",
+        "hindi", "ALBERT from a config (random init) on Hindi product reviews",
+        *hindi_splits(root, tokenizer, max_length, limits), None, tokenizer, build, None, "hi",
         epochs=3.0, learning_rate=5e-4, batch_size=32, max_length=max_length, refine_every_epochs=1,
     )
 
@@ -189,16 +195,13 @@ def hindi_e5_task(data: Path, limits: dict[str, int | None], smoke: bool) -> Tas
     tokenizer = AutoTokenizer.from_pretrained(E5_FOLDER)
     max_length = 48  # the reviews' 90th percentile is 45 pieces
 
-    def split(name: str) -> Dataset:
-        return labelled(hindi_reviews(root, name), tokenizer, max_length, limits.get({"valid": "dev"}.get(name, name)))
-
     def build(seed: int) -> nn.Module:
         torch.manual_seed(seed)  # the pooler and the classification head
         return AutoModelForSequenceClassification.from_pretrained(E5_FOLDER, num_labels=2)
 
     return Task(
         "hindi-e5", "multilingual-e5-small (pretrained, 4-bit weights read into float32) on Hindi product reviews",
-        split("train"), split("valid"), {"test": split("test")}, None, tokenizer, build, str(E5_FOLDER), "hi",
+        *hindi_splits(root, tokenizer, max_length, limits), None, tokenizer, build, str(E5_FOLDER), "hi",
         epochs=2.0, learning_rate=5e-5, batch_size=32, max_length=max_length, refine_every_epochs=1,
         notes=[E5_NOTE], methods=FOCUSED_METHODS,
     )
