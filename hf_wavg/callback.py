@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,6 +59,29 @@ def _resumed_from(checkpoint: str, state: TrainerState) -> bool:
     # Compared as JSON, where a logged NaN equals itself.
     return (saved is not None and saved.global_step == state.global_step
             and json.dumps(saved.log_history) == json.dumps(state.log_history))
+
+
+@dataclass
+class RawResultShare:
+    """The raw weights' safety result while one event goes round the named averages of a
+    run: the raw weights are the same for all of them then, so the first average to run the
+    suite measures them and the others pair with that result (one suite run, not N)."""
+
+    result: SafetyResult | None = None
+    depth: int = 0  # events raised inside a round (a log during an evaluation) belong to it
+
+    @contextmanager
+    def round(self) -> Iterator[None]:
+        """One event handed to every average; nothing carries over to the next one."""
+        if not self.depth:
+            self.result = None
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth:
+                self.result = None
 
 
 class WAvgCallback(TrainerCallback):
@@ -115,6 +139,8 @@ class WAvgCallback(TrainerCallback):
         self.log_fn: Callable[[dict[str, float]], None] | None = None
         # Sends each safety evaluation's table and plot to the experiment trackers (WAvgTrainer sets it).
         self.publish_fn: Callable[[SafetyMonitor, int], None] | None = None
+        # The raw weights' result shared with the other named averages of a WAvgCallbacks group.
+        self.raw_share: RawResultShare | None = None
 
     def state_dir(self, checkpoint: str) -> str:
         """Where this average's state lies in ``checkpoint``."""
@@ -306,11 +332,10 @@ class WAvgCallback(TrainerCallback):
         self.run_safety(args, state, kwargs.get("model"), kwargs.get("processing_class"), metrics)
 
     def run_safety(self, args: TrainingArguments, state: TrainerState, model: nn.Module | None,
-                   processing_class: Any, metrics: dict[str, float] | None,
-                   raw_result: SafetyResult | None = None) -> None:
+                   processing_class: Any, metrics: dict[str, float] | None) -> None:
         """Run the safety suite now on the average (and the raw weights in the model, with
-        ``evaluate_raw``, unless ``raw_result`` already measured them at this step); its
-        metrics join ``metrics`` and the log."""
+        ``evaluate_raw``, unless another average of the group measured them in this round:
+        :attr:`raw_share`); its metrics join ``metrics`` and the log."""
         assert self.safety_monitor is not None
         tokenizer = self.tokenizer or processing_class
         if model is None or tokenizer is None:
@@ -321,8 +346,11 @@ class WAvgCallback(TrainerCallback):
             # Already swapped in (an evaluation of the average): the raw weights are out of reach.
             averaged = nullcontext() if averager.is_swapped_in else averager.swapped_in()
             include_raw = include_raw and not averager.is_swapped_in
+        share = self.raw_share
         logged = self.safety_monitor.evaluate(model, tokenizer, averaged, state.global_step, self.safety_data, include_raw,
-                                              raw_result)
+                                              share.result if share is not None else None)
+        if share is not None and share.result is None:
+            share.result = self.safety_monitor.last_results.get("raw")
         if metrics is not None:
             metrics.update(logged)
         if self.log_fn is not None:

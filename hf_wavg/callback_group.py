@@ -14,7 +14,7 @@ from typing import Any
 import regex
 from transformers import TrainerCallback
 
-from hf_wavg.callback import WAvgCallback
+from hf_wavg.callback import RawResultShare, WAvgCallback
 from hf_wavg.config import WAvgConfig
 from hf_wavg.safety.config import SafetyConfig
 
@@ -72,6 +72,9 @@ class WAvgCallbacks(TrainerCallback):
                                tokenizer=tokenizer, name=name)
             for name, config in configs.items()
         }
+        self.raw_share = RawResultShare()
+        for callback in self.callbacks.values():
+            callback.raw_share = self.raw_share
 
     def __getitem__(self, name: str) -> WAvgCallback:
         return self.callbacks[name]
@@ -79,8 +82,9 @@ class WAvgCallbacks(TrainerCallback):
 
 def _forward(event: str) -> Any:
     def forward(self: WAvgCallbacks, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        for callback in self.callbacks.values():
-            getattr(callback, event)(args, state, control, **kwargs)
+        with self.raw_share.round():  # averages that run the safety suite now share the raw weights' result
+            for callback in self.callbacks.values():
+                getattr(callback, event)(args, state, control, **kwargs)
 
     forward.__name__ = event
     forward.__doc__ = f"``{event}`` of every named average, in order."

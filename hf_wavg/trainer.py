@@ -97,6 +97,7 @@ class WAvgTrainer(Trainer):
         safety_dataset = safety_dataset if safety_dataset is not None else self.eval_dataset
         if isinstance(wavg_config, Mapping):
             group = WAvgCallbacks(wavg_config, safety_config, safety_dataset, self.processing_class)
+            self._raw_share = group.raw_share
             self._averages: dict[str | None, WAvgCallback] = {name: cb for name, cb in group.callbacks.items()}
             self.wavg_selection: str | None = self._checked_selection(wavg_selection)
             self.wavg_config = next(iter(wavg_config.values())) if self.wavg_selection == BEST \
@@ -290,13 +291,11 @@ class WAvgTrainer(Trainer):
             return metrics
         # The safety suite first, while the raw weights are in the model: every average is
         # paired with the same raw weights, measured once (the monitors share one config and data).
-        raw_result = None
-        for callback in self._averages.values():
-            monitor = callback.safety_monitor
-            if monitor is not None and not monitor.config.safety_every_updates and monitor.last_step is None:
-                callback.run_safety(self.args, self.state, self.model, self.processing_class, metrics, raw_result)
-                if raw_result is None:
-                    raw_result = monitor.last_results.get("raw")
+        with self._raw_share.round():
+            for callback in self._averages.values():
+                monitor = callback.safety_monitor
+                if monitor is not None and not monitor.config.safety_every_updates and monitor.last_step is None:
+                    callback.run_safety(self.args, self.state, self.model, self.processing_class, metrics)
         if self.wavg_config.evaluate_raw:
             evaluate_all(f"{prefix}_raw")
         for name in ready:

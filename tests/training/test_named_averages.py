@@ -171,6 +171,49 @@ def test_each_named_average_gets_its_safety_run_paired_with_the_same_raw_weights
     assert f"{delta['value']:+.3f} [{delta['ci_low']:+.3f}, {delta['ci_high']:+.3f}]" in swa_row
 
 
+@pytest.mark.parametrize("every", [0, 4])
+def test_a_callback_group_on_a_plain_trainer_measures_the_raw_weights_once_per_round(minilm_path, tmp_path,
+                                                                                    monkeypatch, every):
+    from transformers import Trainer
+
+    from hf_wavg import WAvgCallbacks
+
+    # Two EMAs update at every step, so with safety_every_updates both run the suite at steps 4 and 8.
+    configs = {"fast": WAvgConfig(ema_decay=0.5, evaluate_raw=True), "slow": WAvgConfig(ema_decay=0.9, evaluate_raw=True)}
+    group = WAvgCallbacks(configs, SafetyConfig(**SMALL_SAFETY, safety_every_updates=every), safety_texts())
+    trainer = make_trainer(minilm_path, tmp_path / "run", trainer_cls=Trainer, callbacks=[group])
+    runs = []
+    measure = SafetySuite.evaluate_model
+    monkeypatch.setattr(SafetySuite, "evaluate_model", lambda suite, *a, **k: runs.append(1) or measure(suite, *a, **k))
+    trainer.train()
+    if not every:
+        trainer.evaluate()
+    rounds = 2 if every else 1
+    assert len(runs) == rounds * (len(configs) + 1)  # each round: one raw measurement, one per average
+    entries = [entry for entry in trainer.state.log_history if "safety/fast/raw/calibration/brier" in entry
+               or "safety/slow/raw/calibration/brier" in entry]
+    assert len(entries) == rounds * len(configs)
+    for fast, slow in zip(entries[::2], entries[1::2]):
+        assert fast["step"] == slow["step"]
+        raw = {key.removeprefix("safety/fast/raw/"): value for key, value in fast.items()
+               if key.startswith("safety/fast/raw/") and not key.endswith("seconds")}
+        assert len(raw) > 10
+        assert {key: slow[f"safety/slow/raw/{key}"] for key in raw} == pytest.approx(raw, abs=0, nan_ok=True)
+        for name, entry in (("fast", fast), ("slow", slow)):
+            key = "calibration/brier"
+            difference = entry[f"safety/{name}/average/{key}"] - entry[f"safety/{name}/raw/{key}"]
+            assert entry[f"safety/{name}/delta/{key}"] == pytest.approx(difference, abs=1e-9)
+    # The shared measurement is the raw weights' own: a suite of its own, on the trained model, agrees.
+    texts = safety_texts()
+    alone = SafetySuite(SafetyConfig(**SMALL_SAFETY)).evaluate_model(trainer.model, trainer.processing_class,
+                                                                      texts["text"], texts["label"])
+    last = entries[-1]
+    shared = [key for key in alone.metrics if f"safety/slow/raw/{key}" in last and not key.endswith("seconds")]
+    assert len(shared) > 10
+    assert {key: last[f"safety/slow/raw/{key}"] for key in shared} == pytest.approx(
+        {key: alone.metrics[key] for key in shared}, abs=1e-12, nan_ok=True)
+
+
 @pytest.mark.parametrize("configs, message", [
     ({}, "at least one"),
     ({"raw": WAvgConfig()}, "letters, digits and hyphens"),
