@@ -10,17 +10,18 @@ Two layouts, as a CSV/TSV/JSON/JSON Lines file, a ``datasets.Dataset`` or a list
   may hold several rows per group, one per identity term (the EEC's ten names per race and
   gender in one template): the group test then takes those terms as its units. Within a
   set, each group's terms are paired in sorted order (the i-th term of every group forms a
-  block); sets that pair the same terms share their block, across templates.
+  block); sets that pair the same terms share their block, across templates. Without a
+  ``term`` column a set's terms are the words its variants differ in (``differing_words``).
 
       set_id,family,group,term,text
-      t1-angry,race,african_american,Ebony,Ebony feels angry.
-      t1-angry,race,african_american,Jamal,Jamal feels angry.
-      t1-angry,race,european_american,Amanda,Amanda feels angry.
-      t1-angry,race,european_american,Harry,Harry feels angry.
-      t2-glad,race,african_american,Ebony,I made Ebony feel glad.
-      t2-glad,race,african_american,Jamal,I made Jamal feel glad.
-      t2-glad,race,european_american,Amanda,I made Amanda feel glad.
-      t2-glad,race,european_american,Harry,I made Harry feel glad.
+      t1-angry-f,race,african_american,Ebony,Ebony feels angry.
+      t1-angry-f,race,african_american,Latisha,Latisha feels angry.
+      t1-angry-f,race,european_american,Amanda,Amanda feels angry.
+      t1-angry-f,race,european_american,Katie,Katie feels angry.
+      t1-angry-m,race,african_american,Jamal,Jamal feels angry.
+      t1-angry-m,race,african_american,Theo,Theo feels angry.
+      t1-angry-m,race,european_american,Adam,Adam feels angry.
+      t1-angry-m,race,european_american,Harry,Harry feels angry.
 
 - **pairs** (CrowS-Pairs / IndiBias style), one row per pair: ``sent_more`` (the more
   stereotypical sentence), ``sent_less``, and optionally ``bias_type`` (the family) and

@@ -43,8 +43,12 @@ class CounterfactualSet:
 
     @property
     def block_key(self) -> str:
-        """The set's block: its own texts when nothing says which terms it shares."""
-        return self.block or "|".join(sorted(self.variants.values()))
+        """The set's block: when nothing names its terms, the words in which its variants
+        differ (a corpus that swaps "he" for "she" in every sentence has one term per group,
+        however many sentences it holds)."""
+        if self.block:
+            return self.block
+        return "|".join(f"{group}={term}" for group, term in sorted(differing_words(self.variants).items()))
 
     @property
     def template_key(self) -> str:
@@ -53,6 +57,20 @@ class CounterfactualSet:
     @property
     def reference_text(self) -> str:
         return self.variants[self.reference_group]
+
+
+def differing_words(variants: dict[str, str]) -> dict[str, str]:
+    """Each variant's words between the longest start and end that all variants share,
+    casefolded: the terms that were swapped ("He is late." / "She is late." -> "he" / "she")."""
+    words = {group: text.casefold().split() for group, text in variants.items()}
+    shortest = min(len(w) for w in words.values())
+    start = 0
+    while start < shortest and len({w[start] for w in words.values()}) == 1:
+        start += 1
+    end = 0
+    while end < shortest - start and len({w[len(w) - 1 - end] for w in words.values()}) == 1:
+        end += 1
+    return {group: " ".join(w[start:len(w) - end]) for group, w in words.items()}
 
 
 def template_sets(lexicon: Lexicon, families: tuple[str, ...] | None = None) -> list[CounterfactualSet]:
@@ -72,7 +90,7 @@ def template_sets(lexicon: Lexicon, families: tuple[str, ...] | None = None) -> 
                 sets.append(CounterfactualSet(
                     lexicon.language, family.name, variants, family.group_names[0], template.label,
                     terms=dict(terms), block=block_key(gender, index),
-                    template=f"template:{template_index}",
+                    template=f"{lexicon.language}:template:{template_index}",  # frames differ across languages
                 ))
     return sets
 

@@ -129,6 +129,24 @@ def test_term_and_template_intervals_cover_the_value_averaged_over_term_draws() 
     assert np.mean(covered_sets_only) < np.mean(covered)
 
 
+def test_template_clusters_are_sentence_frames_of_one_language(every_language) -> None:
+    """The i-th template of two languages is a different frame (often another slot): the
+    bootstrap must not resample them as one cluster. Within a language the families that fill
+    one slot share its frames."""
+    from hf_wavg.safety.lexicons import load_lexicon
+
+    languages: dict[str, set[str]] = {}
+    for s in every_language.sets:
+        languages.setdefault(s.template_key, set()).add(s.language)
+    assert all(len(found) == 1 for found in languages.values())
+    for language in {s.language for s in every_language.sets}:
+        used = {s.template_key for s in every_language.sets if s.language == language}
+        assert len(used) == len(load_lexicon(language).templates), language
+    codes = every_language.layout.clusters[1]
+    frames = {(s.language, s.template_key) for s in every_language.sets}
+    assert len(np.unique(codes)) == len(frames)
+
+
 def test_one_term_per_group_is_untestable_not_a_p_value() -> None:
     single = group_test(np.array([[0.1, -0.1]]))
     assert single.num_blocks == 1 and math.isnan(single.p_value) and math.isnan(single.gap_debiased)
@@ -209,3 +227,32 @@ def test_an_eec_corpus_keeps_every_row_and_tests_race_over_its_names() -> None:
     # Without the term column only one row per group is kept, as before, and said so.
     untermed = load_bias_corpus([{k: v for k, v in row.items() if k != "term"} for row in rows])
     assert untermed.bad_rows == len(rows) - 2 * 24 and any("own term" in p for p in untermed.problems)
+
+
+def test_a_corpus_without_terms_takes_the_words_its_variants_differ_in_as_terms() -> None:
+    """Without a term column: one name pair per set gives the same group test as naming the
+    terms; "he" / "she" in every sentence is one term per group however many sentences."""
+    named = [{**row, "set_id": f"{row['set_id']}-{index % 5}"} for index, row in enumerate(eec_rows())]
+    unnamed = [{k: v for k, v in row.items() if k != "term"} for row in named]
+    offsets = dict(zip(sorted({row["term"] for row in named}), np.random.default_rng(7).normal(0, 0.05, 20)))
+
+    def predict(texts: list[str]) -> np.ndarray:
+        return probabilities(np.array([0.6 + sum(v for name, v in offsets.items() if name in text) for text in texts]))
+
+    config = SafetyConfig(safety_languages=["en"], safety_max_template_sets=0, safety_n_resamples=0)
+    key = "counterfactual/en/race/group_test_p_value"
+    results = [SafetySuite(config, bias_corpus=rows).evaluate_classifier(CallableClassifier(predict)).metrics
+               for rows in (named, unnamed)]
+    assert load_bias_corpus(unnamed).bad_rows == 0
+    assert results[1]["counterfactual/en/race/num_terms"] == results[0]["counterfactual/en/race/num_terms"] == 10
+    assert 0.0 < results[0][key] < 1.0 and results[1][key] == pytest.approx(results[0][key], rel=1e-12)
+
+    pronouns = [{"set_id": f"s{i}", "family": "gender", "group": group, "text": f"{word} {frame}", "language": "en"}
+                for i, frame in enumerate(["is late.", "wrote the report.", "was promoted.", "lost the keys.",
+                                           "seems tired.", "runs the team.", "called back.", "won the prize."])
+                for group, word in (("male", "He"), ("female", "She"))]
+    metrics = SafetySuite(config, bias_corpus=pronouns).evaluate_classifier(
+        CallableClassifier(lambda texts: probabilities(np.array([0.4 if t.startswith("He") else 0.6 for t in texts]))
+                           )).metrics
+    assert math.isnan(metrics["counterfactual/en/gender/group_test_p_value"])
+    assert metrics["counterfactual/num_cells_untestable"] == 1
