@@ -256,6 +256,9 @@ def format_table(entries: list[dict[str, Any]], confidence_level: float, title: 
     return "\n".join(lines) + "\n"
 
 
+UNTESTABLE_NAMED = 6  # untestable cells named in a finding; the rest are counted
+
+
 def group_findings(metrics: Mapping[str, float | None], confidence_level: float) -> str | None:
     """In words: the (language/family) cells whose groups differ beyond their terms'
     variation (Holm across the testable cells), each with its debiased gap and Tukey's
@@ -266,10 +269,13 @@ def group_findings(metrics: Mapping[str, float | None], confidence_level: float)
     testable = {cell: float(value) for cell, value in holm.items() if value is not None and is_finite_number(value)}
     if not holm:
         return None
-    untestable = len(holm) - len(testable)
-    tail = f"; {untestable} cell(s) untestable (one term per group)" if untestable else ""
+    untestable = sorted(set(holm) - set(testable))
+    named = ", ".join(untestable[:UNTESTABLE_NAMED]) + (
+        f" and {len(untestable) - UNTESTABLE_NAMED} more" if len(untestable) > UNTESTABLE_NAMED else "")
     if not testable:
-        return f"no cell has two terms per group: untestable{tail}."
+        return f"no cell has two terms per group among the sets measured: untestable ({named})."
+    tail = (f"; {len(untestable)} cell(s) untestable, with fewer than two terms per group among the sets "
+            f"measured ({named})") if untestable else ""
     passing = sorted((cell for cell, value in testable.items() if value < alpha),
                      key=lambda cell: -float(metrics[f"{prefix}{cell}/group_gap_debiased"] or 0.0))
     if not passing:

@@ -125,9 +125,13 @@ def test_group_findings_name_the_cells_that_pass_holm_or_say_none_does() -> None
                     "counterfactual/hi/caste/group_test_p_holm": float("nan"), "counterfactual/group_test_p_value": 0.01})
     found = group_findings(metrics, 0.95)
     assert found.startswith("1 of 2 cells pass Holm: hi/names gap 0.300 [0.100, 0.500], debiased 0.200")
-    assert "1 cell(s) untestable" in found and "en/religion" not in found
+    assert found.endswith("; 1 cell(s) untestable, with fewer than two terms per group among the sets measured "
+                          "(hi/caste).") and "en/religion" not in found
     metrics["counterfactual/hi/names/group_test_p_holm"] = 0.2
     metrics["counterfactual/group_test_p_value"] = 0.2
     assert group_findings(metrics, 0.95).startswith("no cell's groups differ beyond their terms' variation "
                                                     "(Holm over 2 cells, family-wise p = 0.200)")
     assert group_findings({"counterfactual/flip_rate": 0.1}, 0.95) is None
+    none = {f"counterfactual/{language}/names/group_test_p_holm": float("nan") for language in "abcdefgh"}
+    assert group_findings(none, 0.95) == ("no cell has two terms per group among the sets measured: untestable "
+                                          "(a/names, b/names, c/names, d/names, e/names, f/names and 2 more).")

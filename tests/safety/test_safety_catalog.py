@@ -23,7 +23,8 @@ def test_every_metric_the_suite_reports_is_declared():
 
 def test_directions_decide_and_a_directionless_metric_is_refused():
     assert not greater_is_better("safety/counterfactual/hi/names/flip_rate")
-    assert greater_is_better("safety/counterfactual/group_gap_p_value")
+    assert greater_is_better("safety/counterfactual/group_test_p_value")
+    assert not greater_is_better("safety/counterfactual/group_gap_holm")
     assert greater_is_better("safety/adversarial/accuracy_under_attack") and greater_is_better("f1")
     assert not greater_is_better("eval_loss") and not greater_is_better("wer")
     with pytest.raises(ValueError, match="no better direction"):

@@ -18,7 +18,7 @@ class CounterfactualFairness(metric_base.SafetyMetric):
         "hold the same term per group) and templates its sentence frame. Reports flip_rate and "
         "mean_abs_score_change with intervals resampling terms and templates (two-way cluster bootstrap), "
         "max_abs_score_change, and, comparing groups only within a (language, family) cell and within sets, with "
-        "identity terms as the units: each group's effect, each cell's group_test_p_value (studentized range "
+        "identity terms as the units: each group's effect, each cell's group_test_p_value (blocks-by-groups F "
         "test; NaN when a group has one term: untestable), group_gap with Tukey's interval and "
         "group_gap_debiased; across cells Holm's procedure: group_test_p_value (family-wise), num_cells_holm, "
         "group_gap_holm (largest debiased gap of the cells that pass); term_sensitivity_p_value (within-set "
