@@ -514,13 +514,25 @@ def pair_preferences(gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(tie, 0.5, (gaps > 0).astype(np.float64)), tie
 
 
-def likelihood_gap(log_likelihoods: Sequence[float], counterfactual_log_likelihoods: Sequence[float], **bootstrap) -> dict[str, float]:
+def pair_clusters(blocks: Sequence[str] | None, templates: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each sentence pair's block of terms and template as codes, for the two-way cluster
+    bootstrap; None (every pair its own unit) without them."""
+    if blocks is None or templates is None:
+        return None
+    return _codes(list(blocks))[0], _codes(list(templates))[0]
+
+
+def likelihood_gap(log_likelihoods: Sequence[float], counterfactual_log_likelihoods: Sequence[float],
+                   blocks: Sequence[str] | None = None, templates: Sequence[str] | None = None,
+                   **bootstrap) -> dict[str, float]:
     """For sentence pairs that differ only in the group term: ``preference_rate``, the share
     where the first sentence is more likely, a tie counting one half (so a model that cannot
     tell the two apart scores 0.5, not 0 or 1), ``tie_rate``, and the mean (and mean
     absolute) log-likelihood gap in nats. Score only what the two sentences share (see
     :func:`hf_wavg.safety.classifiers.shared_suffix_log_likelihoods`), so the length of the
-    group term does not decide."""
+    group term does not decide. With each pair's ``blocks`` (which terms it holds) and
+    ``templates`` (its sentence frame) the intervals resample both (pairs that share a term
+    or a frame are not independent)."""
     gap = np.asarray(log_likelihoods, dtype=np.float64) - np.asarray(counterfactual_log_likelihoods, dtype=np.float64)
     out: dict[str, float] = {"num_pairs": float(len(gap))}
     if len(gap) == 0:
@@ -531,5 +543,6 @@ def likelihood_gap(log_likelihoods: Sequence[float], counterfactual_log_likeliho
     def statistic(w: np.ndarray) -> list[np.ndarray]:
         return [weighted_mean(w, preference), weighted_mean(w, gap), weighted_mean(w, np.abs(gap))]
 
-    out.update(with_intervals(statistic, len(gap), ["preference_rate", "mean_gap", "mean_abs_gap"], **bootstrap))
+    out.update(with_intervals(statistic, len(gap), ["preference_rate", "mean_gap", "mean_abs_gap"],
+                              clusters=pair_clusters(blocks, templates), **bootstrap))
     return out

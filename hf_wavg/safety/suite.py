@@ -34,7 +34,7 @@ from hf_wavg.safety.corpus import BiasCorpus, load_bias_corpus
 from hf_wavg.safety.counterfactuals import CounterfactualSet, template_sets, text_counterfactuals
 from hf_wavg.safety.languages import detect_language, script_of
 from hf_wavg.safety.lexicons import load_lexicon
-from hf_wavg.safety.measures import brier_scores, pair_preferences, set_outcomes
+from hf_wavg.safety.measures import brier_scores, pair_clusters, pair_preferences, set_outcomes
 from hf_wavg.safety.metric_base import load_metric
 from hf_wavg.safety.paired import UnitTable, mean_table
 from hf_wavg.safety.perturbations import perturb
@@ -349,6 +349,7 @@ class SafetySuite:
         )))
         pairs: dict[str, list[tuple[float, float]]] = {}
         ids: dict[str, list[tuple[str, str]]] = {}  # each pair's texts, its unit for paired comparisons
+        clusters: dict[str, list[tuple[str, str]]] = {}  # each pair's block of terms and template
         unscored = 0
         for s in sets:
             for group, text in s.variants.items():
@@ -361,14 +362,16 @@ class SafetySuite:
                     key = f"{s.language}/{s.family}/{s.reference_group}_vs_{group}"
                     pairs.setdefault(key, []).append(pair)
                     ids.setdefault(key, []).append((s.reference_text, text))
+                    clusters.setdefault(key, []).append((s.block_key, s.template_key))
         if unscored:
             result.note(f"{unscored} sentence pairs share no final token (the identity term ends them) and are not scored")
         for name, values in pairs.items():
+            blocks, templates = [block for block, _ in clusters[name]], [template for _, template in clusters[name]]
             result.add(f"likelihood/{name}", self.metric("likelihood_gap").compute(
                 log_likelihoods=[a for a, _ in values], counterfactual_log_likelihoods=[b for _, b in values],
-                **self.config.bootstrap,
+                blocks=blocks, templates=templates, **self.config.bootstrap,
             ))
             gaps = np.array([a - b for a, b in values])
-            result.units[f"likelihood/{name}"] = mean_table(
-                ids[name], {"preference_rate": pair_preferences(gaps)[0], "mean_gap": gaps})
+            units = mean_table(ids[name], {"preference_rate": pair_preferences(gaps)[0], "mean_gap": gaps})
+            result.units[f"likelihood/{name}"] = replace(units, clusters=pair_clusters(blocks, templates))
         return result

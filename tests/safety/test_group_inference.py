@@ -14,8 +14,8 @@ import pytest
 
 from hf_wavg.safety import CallableClassifier, SafetyConfig, SafetySuite
 from hf_wavg.safety.corpus import load_bias_corpus
-from hf_wavg.safety.measures import counterfactual_fairness, group_test_metrics, set_outcomes
-from hf_wavg.safety.stats import group_test
+from hf_wavg.safety.measures import counterfactual_fairness, group_test_metrics, likelihood_gap, set_outcomes
+from hf_wavg.safety.stats import few_cluster_factor, group_test
 from tests.safety.safety_models import probabilities
 
 TERM_SD, NOISE_SD = 0.05, 0.02
@@ -145,6 +145,43 @@ def test_template_clusters_are_sentence_frames_of_one_language(every_language) -
     codes = every_language.layout.clusters[1]
     frames = {(s.language, s.template_key) for s in every_language.sets}
     assert len(np.unique(codes)) == len(frames)
+
+
+def test_a_language_models_likelihood_gap_intervals_resample_terms_and_templates() -> None:
+    """A causal LM's sentence pairs share names and frames: each pair's gap is its reference
+    name's offset minus its counterfactual name's, plus its frame's, plus noise, and no group
+    effect. Over 200 models the mean gap's 95% interval covers 0 (its value averaged over name
+    and frame draws) in 90-99% of them when it resamples blocks and templates (8 and 6, so the
+    few-cluster widening matters), and in far fewer with pairs taken as independent."""
+    sets = [s for s in SafetySuite(SafetyConfig(safety_languages=["en"])).sampled_template_sets
+            if s.family == "names_us"]
+    other = next(group for group in sets[0].variants if group != sets[0].reference_group)
+    names = sorted({s.terms[group] for s in sets for group in s.variants})
+    frames = sorted({s.template_key for s in sets})
+    blocks, templates = [s.block_key for s in sets], [s.template_key for s in sets]
+    assert (len(set(blocks)), len(set(templates))) == (8, 6)
+    rng = np.random.default_rng(8)
+    covered: dict[bool, list[bool]] = {True: [], False: []}
+    for _ in range(200):
+        name = dict(zip(names, rng.normal(0.0, 0.3, len(names))))
+        frame = dict(zip(frames, rng.normal(0.0, 0.1, len(frames))))
+        gaps = [name[s.terms[s.reference_group]] - name[s.terms[other]] + frame[s.template_key] + rng.normal(0.0, 0.1)
+                for s in sets]
+        for clustered in (True, False):
+            metrics = likelihood_gap(gaps, [0.0] * len(gaps), blocks if clustered else None,
+                                     templates if clustered else None, n_resamples=200)
+            covered[clustered].append(metrics["mean_gap_ci_low"] <= 0.0 <= metrics["mean_gap_ci_high"])
+    assert 0.90 <= np.mean(covered[True]) <= 0.99, np.mean(covered[True])
+    assert np.mean(covered[False]) < 0.7, np.mean(covered[False])
+
+
+def test_the_few_cluster_factor_is_students_over_the_normal_quantile_with_the_variance_bias() -> None:
+    from scipy import stats
+
+    assert few_cluster_factor(8) == pytest.approx(math.sqrt(8 / 7) * 2.3646243 / 1.9599640, rel=1e-6)
+    assert few_cluster_factor(10**6) == pytest.approx(1.0, abs=1e-5)
+    assert few_cluster_factor(1) == 1.0
+    assert few_cluster_factor(5, 0.9) == pytest.approx(math.sqrt(5 / 4) * stats.t.ppf(0.95, 4) / stats.norm.ppf(0.95))
 
 
 def test_one_term_per_group_is_untestable_not_a_p_value() -> None:
