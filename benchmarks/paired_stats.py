@@ -20,7 +20,7 @@ from typing import TypeVar
 import numpy as np
 from scipy import optimize, stats
 
-from hf_wavg.safety.stats import cluster_codes, product_weights
+from hf_wavg.safety.stats import cluster_codes, few_cluster_factor, independent_units, product_weights
 
 # A seed's difference under unit weights: (replicates, units) -> (replicates,).
 SeedDifference = Callable[[np.ndarray], np.ndarray]
@@ -62,7 +62,8 @@ def paired_effect(
     (subtracting Var(e) from s^2 and taking the rest with z, as this did before, gave p < 0.001
     seven times too often when seed noise dominated); and seeds that differ alike by chance (a
     spread of 0 on discrete outcomes) still get the example noise's width. Units are resampled
-    by ``clusters`` (two-way) where given."""
+    by ``clusters`` (two-way) where given, and the parts estimated from that resampling are
+    widened for few clusters as the safety suite's intervals are (``few_cluster_factor``)."""
     ones = np.ones((1, n_units))
     per_seed_points = np.array([difference(ones)[0] for difference in per_seed], dtype=float)
     point = float(per_seed_points.mean())
@@ -81,9 +82,12 @@ def paired_effect(
     else:  # one seed: its example noise is all the bootstrap can tell
         test_set, spread, example_noise = units_variance, 0.0, 0.0
     degrees = max(n_seeds - 1, 1)
+    n_clusters = independent_units(cluster_codes(clusters, n_units)) if clusters is not None else None
 
     def half_width(alpha: float) -> float:
         z, t = stats.norm.ppf(1 - alpha / 2), stats.t.ppf(1 - alpha / 2, degrees)
+        if n_clusters is not None:
+            z *= few_cluster_factor(n_clusters, 1 - alpha)
         return float(np.sqrt(z**2 * test_set + max(t**2 * spread, z**2 * example_noise) / n_seeds))
 
     half = half_width(1 - confidence_level)
