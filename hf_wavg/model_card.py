@@ -256,6 +256,16 @@ def format_table(entries: list[dict[str, Any]], confidence_level: float, title: 
     return "\n".join(lines) + "\n"
 
 
+def _small(value: float) -> str:
+    """Three decimals, or two significant digits where those would show a real gap as 0.000
+    (every term of a group scoring alike makes even a tiny gap exact)."""
+    return f"{value:.3f}" if value == 0.0 or abs(value) >= 5e-4 else f"{value:.1e}"
+
+
+def _p_value(p: float) -> str:
+    return f"= {p:.3f}" if p >= 0.001 else "< 0.001"
+
+
 UNTESTABLE_NAMED = 6  # untestable cells named in a finding; the rest are counted
 
 
@@ -281,11 +291,14 @@ def group_findings(metrics: Mapping[str, float | None], confidence_level: float)
     if not passing:
         p_value = metrics.get(f"{prefix}group_test_p_value")
         return (f"no cell's groups differ beyond their terms' variation (Holm over {len(testable)} cells, "
-                f"family-wise p = {float(p_value):.3f}){tail}.")  # type: ignore[arg-type]
+                f"family-wise p {_p_value(float(p_value))}){tail}.")  # type: ignore[arg-type]
+
+    def gap(cell: str, name: str) -> str:
+        return _small(float(metrics[f"{prefix}{cell}/{name}"]))  # type: ignore[arg-type]
+
     described = [
-        f"{cell} gap {metrics[f'{prefix}{cell}/group_gap']:.3f} "
-        f"[{metrics[f'{prefix}{cell}/group_gap_ci_low']:.3f}, {metrics[f'{prefix}{cell}/group_gap_ci_high']:.3f}], "
-        f"debiased {metrics[f'{prefix}{cell}/group_gap_debiased']:.3f} (Holm p = {testable[cell]:.3f})"
+        f"{cell} gap {gap(cell, 'group_gap')} [{gap(cell, 'group_gap_ci_low')}, {gap(cell, 'group_gap_ci_high')}], "
+        f"debiased {gap(cell, 'group_gap_debiased')} (Holm p {_p_value(testable[cell])})"
         for cell in passing
     ]
     return f"{len(passing)} of {len(testable)} cells pass Holm: " + "; ".join(described) + tail + "."

@@ -132,6 +132,12 @@ def test_group_findings_name_the_cells_that_pass_holm_or_say_none_does() -> None
     assert group_findings(metrics, 0.95).startswith("no cell's groups differ beyond their terms' variation "
                                                     "(Holm over 2 cells, family-wise p = 0.200)")
     assert group_findings({"counterfactual/flip_rate": 0.1}, 0.95) is None
+    # Every term of a group scoring alike makes a tiny gap exact: it is shown, not rounded to 0.
+    metrics.update({"counterfactual/hi/names/group_test_p_holm": 0.0, "counterfactual/hi/names/group_gap": 3e-4,
+                    "counterfactual/hi/names/group_gap_ci_low": 3e-4, "counterfactual/hi/names/group_gap_ci_high": 3e-4,
+                    "counterfactual/hi/names/group_gap_debiased": 3e-4})
+    assert group_findings(metrics, 0.95).startswith(
+        "1 of 2 cells pass Holm: hi/names gap 3.0e-04 [3.0e-04, 3.0e-04], debiased 3.0e-04 (Holm p < 0.001)")
     none = {f"counterfactual/{language}/names/group_test_p_holm": float("nan") for language in "abcdefgh"}
     assert group_findings(none, 0.95) == ("no cell has two terms per group among the sets measured: untestable "
                                           "(a/names, b/names, c/names, d/names, e/names, f/names and 2 more).")
