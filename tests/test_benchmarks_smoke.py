@@ -48,6 +48,9 @@ def test_safety_overhead_smoke(tmp_path, minilm_path):
     out = run("safety_overhead.py", "--smoke", "--data", str(tmp_path / "absent.tsv"), "--output-dir", str(tmp_path))
     assert "| demo sample" in out and "suite share" in out
     assert (tmp_path / "safety_overhead-cpu.md").is_file()
+    # The suite ran during training (each epoch), so its share is a measurement, not 0.
+    row = json.loads((tmp_path / "safety_overhead-cpu.json").read_text())["rows"][0]
+    assert float(row[3]) > 0 and row[4] != "0.0%"
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")

@@ -89,22 +89,22 @@ def run_demo(settings: DemoSettings) -> dict[str, float]:
         for language in sorted(set(test["language"])):
             eval_sets[language] = test.filter(lambda row, lang=language: row["language"] == lang)
 
-    args = TrainingArguments(
-        output_dir=str(output / "run"),
-        num_train_epochs=settings.epochs,
-        per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=64,
-        learning_rate=settings.learning_rate,
+    args = TrainingArguments(**{
+        "output_dir": str(output / "run"),
+        "num_train_epochs": settings.epochs,
+        "per_device_train_batch_size": settings.batch_size,
+        "per_device_eval_batch_size": 64,
+        "learning_rate": settings.learning_rate,
         # One evaluation, at the end: the raw and averaged weights measured side by side once
         # (the safety suite at every epoch would cost as much as the training).
-        eval_strategy="no",
-        save_strategy="no",
-        logging_steps=10,
-        report_to="none",
-        dataloader_pin_memory=torch.cuda.is_available(),
-        seed=settings.seed,
-        **settings.extra_args,
-    )
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "logging_steps": 10,
+        "report_to": "none",
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        "seed": settings.seed,
+        **settings.extra_args,  # overrides any of the above (the overhead benchmark evaluates every epoch)
+    })
     trainer = WAvgTrainer(
         model=model,
         args=args,
