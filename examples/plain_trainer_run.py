@@ -21,6 +21,7 @@ from transformers import (
     DataCollatorWithPadding,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 from hf_wavg.demo.run import default_model_path
@@ -45,6 +46,7 @@ def main() -> None:
 
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    set_seed(0)  # the classification head is drawn here, before the Trainer would seed anything
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=2, id2label=dict(enumerate(LABEL_NAMES)), label2id={n: i for i, n in enumerate(LABEL_NAMES)})
     train = Dataset.from_list([{"text": r["text"], "label": LABEL_NAMES.index(r["label"])} for r in rows[:cut]])
